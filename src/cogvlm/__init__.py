@@ -1,0 +1,16 @@
+"""CogVLM in plain PyTorch.
+
+Shapes in comments use: B batch, T tokens, S image side, P patches, N images,
+D decoder width, Dv ViT width, H heads, K head dim, V vocabulary.
+"""
+
+from .config import PRESETS, CogVLMConfig, VisionConfig, get_preset
+from .errors import CheckpointError, CogVLMError, ImageError, PromptError
+from .generation import GenerationConfig
+from .model import CogVLMForCausalLM
+from .tokenizer import load_tokenizer
+
+__all__ = ["CogVLMForCausalLM", "CogVLMConfig", "VisionConfig", "PRESETS", "get_preset",
+           "GenerationConfig", "load_tokenizer", "CogVLMError", "CheckpointError", "ImageError",
+           "PromptError"]
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""CogVLM: a LLaMA decoder with a *visual expert* in every layer, fed by an EVA2-CLIP ViT.
+
+What is special, in five lines:
+- Visual experts: each decoder layer has separate QKV, attention-output and MLP weights for
+  image tokens; text tokens use the original LLM weights, so text-only input is plain LLaMA.
+- EVA2-CLIP uses post-sublayer norm (`x + LN(f(x))`) and no final norm.
+- A GLU adapter maps ViT features to the decoder width; learned boi/eoi tokens wrap the image.
+- All patch tokens of an image share one position id (boi and eoi take their own).
+- token_type_ids (0 text, 1 image) pick the expert and the positions; they travel unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import VISION_TOKEN_TYPE, CogVLMConfig
+from .decoder import CogVLMDecoderLayer, LayerCache, RMSNorm
+from .positions import attention_mask_4d, build_position_ids, vision_expert_mask
+from .vision import EVA2CLIPModel
+
+#: Per-sample lists of images (official format, `[[img], [], ...]`) or one stacked (N, 3, S, S).
+Images = Sequence[Sequence[torch.Tensor]] | torch.Tensor | None
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor            # (B, T, V) fp32
+    loss: torch.Tensor | None = None
+
+
+class CogVLMModel(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(CogVLMDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.vision = EVA2CLIPModel(config)
+        self.gradient_checkpointing = False
+
+    def encode_images(self, images: Images) -> torch.Tensor | None:
+        """Images -> (N, P + 2, D) image tokens, or None when there are no images."""
+        if images is None:
+            return None
+        if not isinstance(images, torch.Tensor):
+            flat = [img for sample in images for img in sample]
+            if not flat:
+                return None
+            images = torch.stack(flat)
+        if images.shape[0] == 0:
+            return None
+        weight = self.vision.patch_embedding.proj.weight
+        return self.vision(images.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, images: Images = None,
+                kv_cache: Sequence[LayerCache] | None = None, cache_start: int = 0) -> torch.Tensor:
+        """Hidden states (B, T, D) after the final norm. Images are used only without a past."""
+        x = self.embed_tokens(input_ids)                                  # (B, T, D)
+        is_image = token_type_ids == VISION_TOKEN_TYPE
+        features = self.encode_images(images) if cache_start == 0 else None
+        n_image_tokens = int(is_image.sum())
+        n_features = 0 if features is None else features.shape[0] * features.shape[1]
+        if cache_start == 0 and n_image_tokens != n_features:
+            raise ValueError(f"{n_image_tokens} image-typed tokens but {n_features} image features "
+                             "(each image needs config.image_tokens placeholders)")
+        if features is not None:
+            x = x.index_put((is_image,), features.reshape(-1, x.shape[-1]).to(x.dtype))  # row-major
+        vision_mask = vision_expert_mask(token_type_ids)
+        attn_mask, is_causal = attention_mask_4d(attention_mask, x.shape[1], cache_start, x.device)
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else kv_cache[i]
+            args = (x, position_ids, vision_mask, attn_mask, is_causal, cache, cache_start)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        return self.norm(x)
+
+
+class CogVLMForCausalLM(nn.Module):
+    """The whole model with the official module names, plus the official drop-in methods."""
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = CogVLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, images: Images = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                kv_cache: Sequence[LayerCache] | None = None, cache_start: int = 0,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids, token_type_ids, attention_mask (B, T) -> logits (B, T, V) in fp32.
+
+        With `kv_cache`, keys and values are written at positions cache_start.. and the
+        attention mask must cover all cache_start + T positions. `logits_to_keep` > 0 computes
+        only the last that many positions' logits. Labels (B, T) give the shifted LM loss.
+        """
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = build_position_ids(token_type_ids, attention_mask)
+        hidden = self.model(input_ids, token_type_ids, position_ids, attention_mask, images,
+                            kv_cache, cache_start)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ---- the official API, delegated to the modules that own each job ----------------------
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, **kwargs: Any) -> "CogVLMForCausalLM":
+        """Load an official checkpoint folder (see `cogvlm.weights.load_model`)."""
+        from ..weights import load_model
+        return load_model(folder, dtype=torch_dtype, device=device, **kwargs)
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write the official layout: config.json, safetensors shards and their index."""
+        from ..weights import save_model
+        save_model(self, folder, max_shard_size=max_shard_size)
+
+    def build_conversation_input_ids(self, tokenizer: Any, *, query: str,
+                                     history: Sequence[tuple[str, str]] | None = None,
+                                     images: Sequence[Any] | None = None,
+                                     template_version: str | None = None) -> dict[str, Any]:
+        """The official prompt builder: input_ids, token_type_ids, attention_mask, images."""
+        from ..prompts import build_conversation_input_ids
+        return build_conversation_input_ids(tokenizer, self.config, query=query, history=history,
+                                            images=images, template_version=template_version)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, images: Images = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Prompt + new tokens (B, T + N), as transformers' generate returns them."""
+        from ..generation import generate_sequences
+        return generate_sequences(self, input_ids, token_type_ids, attention_mask, images, **kwargs)

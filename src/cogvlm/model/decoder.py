@@ -1,0 +1,154 @@
+"""LLaMA decoder layers with visual experts.
+
+Every layer holds two copies of the QKV projection, the attention output projection and the
+MLP: the language expert (the original LLM weights) and the vision expert. A boolean mask over
+tokens (B, T) routes each token through one of them; with no image, only the language expert
+runs, so the decoder is exactly its language model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CogVLMConfig
+
+#: A layer's slice of the preallocated KV cache: keys and values, each (B, H, S_max, K).
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the official cast order: the weight multiplies the fp32 activations."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+def rotary_inv_freq(head_dim: int, dtype: torch.dtype = torch.float32, base: float = 10000.0) -> torch.Tensor:
+    """Inverse frequencies, computed in `dtype` as the official code does under that default dtype."""
+    exponent = torch.arange(0, head_dim, 2).to(dtype) / head_dim
+    return 1.0 / (torch.tensor(base, dtype=dtype) ** exponent)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style rotary embedding over the whole head; `inv_freq` is a persistent buffer."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim), persistent=True)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, 1, T, K).
+
+        Positions are cast to inv_freq's dtype first, as the official cache builds its
+        `arange` in that dtype (bf16 rounds positions above 256; reproduced on purpose).
+        """
+        t = position_ids.to(self.inv_freq.dtype)
+        freqs = t[..., None] * self.inv_freq                # (B, T, K/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]    # (B, 1, T, K)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def route(x: torch.Tensor, vision_mask: torch.Tensor | None,
+          language: Callable[[torch.Tensor], torch.Tensor],
+          vision: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply `vision` to the tokens where vision_mask (B, T) is set and `language` elsewhere."""
+    if vision_mask is None:
+        return language(x)
+    lang = language(x[~vision_mask])                        # (N_lang, out)
+    vis = vision(x[vision_mask])                            # (N_vis, out)
+    out = lang.new_empty(x.shape[:-1] + lang.shape[-1:])    # (B, T, out)
+    out[~vision_mask] = lang
+    out[vision_mask] = vis
+    return out
+
+
+class VisionExpertAttention(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        self.vision_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
+        self.vision_expert_dense = nn.Linear(d, d, bias=False)
+        self.language_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
+        self.language_expert_dense = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, vision_mask: torch.Tensor | None,
+                attn_mask: torch.Tensor | None, is_causal: bool,
+                cache: LayerCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        b, t, d = x.shape
+        mixed = route(x, vision_mask, self.language_expert_query_key_value,
+                      self.vision_expert_query_key_value)            # (B, T, 3D): Q | K | V
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for y in mixed.split(d, dim=-1))                  # each (B, H, T, K)
+        cos, sin = self.rotary_emb(position_ids, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # write post-RoPE keys/values at their positions, read the prefix
+            cache_k, cache_v = cache
+            end = cache_start + t
+            cache_k[:, :, cache_start:end] = k
+            cache_v[:, :, cache_start:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        ctx = ctx.transpose(1, 2).reshape(b, t, d)                   # (B, T, D)
+        return route(ctx, vision_mask, self.language_expert_dense, self.vision_expert_dense)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionExpertMLP(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.language_mlp = MLP(config)
+        self.vision_mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
+        return route(x, vision_mask, self.language_mlp, self.vision_mlp)
+
+
+class CogVLMDecoderLayer(nn.Module):
+    """Pre-norm LLaMA layer with experts (the official class name, kept whole by device maps)."""
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = VisionExpertAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = VisionExpertMLP(config)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, vision_mask: torch.Tensor | None,
+                attn_mask: torch.Tensor | None, is_causal: bool,
+                cache: LayerCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, vision_mask, attn_mask,
+                               is_causal, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x), vision_mask)

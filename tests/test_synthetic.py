@@ -1,0 +1,266 @@
+"""Tests for cogvlm.synthetic: determinism, visibility, coverage and answer correctness."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cogvlm import synthetic as S
+
+BOX_RE = re.compile(r"\[\[(\d{3}),(\d{3}),(\d{3}),(\d{3})\]\]")
+
+
+def _scenes(seed: int, n: int, size: int = 224, **kw):
+    return [S.make_scene(random.Random(f"{seed}:{i}"), size, **kw) for i in range(n)]
+
+
+def _norm(box, scene):
+    w, h = scene.width, scene.height
+    return [box[0] / w * 1000, box[1] / h * 1000, box[2] / w * 1000, box[3] / h * 1000]
+
+
+def _by_name(scene):
+    return {s.name: s for s in scene.shapes}
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_iter_samples_deterministic_and_seed_dependent():
+    a = list(S.iter_samples(7, 6, size=96))
+    b = list(S.iter_samples(7, 6, size=96))
+    c = list(S.iter_samples(8, 6, size=96))
+    assert [r for _, r in a] == [r for _, r in b]
+    assert all(ia.tobytes() == ib.tobytes() for (ia, _), (ib, _) in zip(a, b))
+    assert [r for _, r in a] != [r for _, r in c]
+    assert any(ia.tobytes() != ic.tobytes() for (ia, _), (ic, _) in zip(a, c))
+
+
+def test_write_dataset_byte_identical(tmp_path):
+    p1 = S.write_dataset(tmp_path / "a", 5, seed=3, size=96)
+    p2 = S.write_dataset(tmp_path / "b", 5, seed=3, size=96)
+    p3 = S.write_dataset(tmp_path / "c", 5, seed=4, size=96)
+    assert p1.read_bytes() == p2.read_bytes() != p3.read_bytes()
+    assert (p1.parent / "scenes.jsonl").read_bytes() == (p2.parent / "scenes.jsonl").read_bytes()
+    for img in sorted((p1.parent / "images").iterdir()):
+        assert img.read_bytes() == (p2.parent / "images" / img.name).read_bytes()
+
+
+def test_scene_i_independent_of_other_scenes():
+    many = list(S.iter_scenes(11, 5, size=96, per_scene=5))
+    few = list(S.iter_scenes(11, 5, size=96, per_scene=1, tasks=["count"]))
+    assert [s for _, s, _ in many] == [s for _, s, _ in few]
+
+
+# ----------------------------------------------------------------------------- scenes
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([64, 128, 224]), easy=st.booleans())
+def test_every_shape_visible_inside_and_disjoint(seed, size, easy):
+    scene = S.make_scene(random.Random(seed), size, easy=easy)
+    assert 1 <= len(scene.shapes) <= (2 if easy else 4)
+    img = np.asarray(scene.render())
+    assert img.shape == (size, size, 3)
+    assert len({(s.color, s.kind) for s in scene.shapes}) == len(scene.shapes)
+    for s in scene.shapes:
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+        assert s.center == ((x0 + x1) / 2, (y0 + y1) / 2)
+        region = img[y0:y1, x0:x1].astype(int)
+        match = (np.abs(region - np.array(S.COLORS[s.color])).sum(-1) <= 6)
+        # Star is the sparsest shape (~45% of its box); allow a safety margin.
+        assert match.mean() > 0.3, (s, match.mean())
+        # Tight box: the shape touches every side of its box.
+        assert match[0].any() and match[-1].any() and match[:, 0].any() and match[:, -1].any()
+    for i, a in enumerate(scene.shapes):
+        for b in scene.shapes[i + 1:]:
+            assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
+
+
+def test_easy_scenes_are_large_on_white():
+    for scene in _scenes(5, 30, easy=True):
+        assert scene.background == "white" and 1 <= len(scene.shapes) <= 2
+        assert all(s.size == "large" for s in scene.shapes)
+
+
+def test_shape_geometry():
+    for scene in _scenes(9, 100):
+        for s in scene.shapes:
+            w, h = s.box[2] - s.box[0], s.box[3] - s.box[1]
+            if s.kind == "rectangle":
+                assert max(w, h) / min(w, h) > 1.7
+            elif s.kind in ("square", "circle"):
+                assert w == h
+
+
+def test_coverage_over_many_scenes():
+    scenes = _scenes(1, 200)
+    shapes = [s for sc in scenes for s in sc.shapes]
+    assert {s.color for s in shapes} == set(S.COLORS)
+    assert {s.kind for s in shapes} == set(S.KINDS)
+    assert {s.size for s in shapes} == {"small", "medium", "large"}
+    assert {len(sc.shapes) for sc in scenes} == {1, 2, 3, 4}
+    assert len({sc.background for sc in scenes}) >= 6
+    for required in ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown"):
+        assert required in S.COLORS
+
+
+def test_palette_distinct_from_backgrounds():
+    cols = list(S.COLORS.values())
+    for i, a in enumerate(cols):
+        for b in cols[i + 1:]:
+            assert sum(abs(x - y) for x, y in zip(a, b)) >= 80
+        for bg in S.BACKGROUNDS.values():
+            assert sum(abs(x - y) for x, y in zip(a, bg)) >= 150
+
+
+def test_scene_dict_roundtrip():
+    for scene in _scenes(2, 10):
+        d = json.loads(json.dumps(S.scene_to_dict(scene)))
+        assert S.scene_from_dict(d) == scene
+
+
+# ----------------------------------------------------------------------------- records
+def _check_answer(scene, rec):
+    q, a = rec["conversations"][0]["content"], rec["conversations"][1]["content"]
+    task, shapes, names = rec["task"], scene.shapes, _by_name(scene)
+    assert a == a.lower() or task in ("ground", "ground_caption")
+    assert rec["template_version"] == S.TEMPLATE_OF_TASK[task]
+    if task == "color":
+        (kind,) = [k for k in S.KINDS if re.search(rf"\b{k}\b", q)]
+        assert [s.color for s in shapes if s.kind == kind] == [a]
+    elif task == "shape":
+        (color,) = [c for c in S.COLORS if re.search(rf"\b{c}\b", q)]
+        assert [s.kind for s in shapes if s.color == color] == [a]
+    elif task == "count":
+        kinds = [k for k in S.KINDS if re.search(rf"\b{k}s\b", q)]
+        colors = [c for c in S.COLORS if re.search(rf"\b{c}\b", q)]
+        if kinds:
+            want = sum(s.kind == kinds[0] for s in shapes)
+        elif colors:
+            want = sum(s.color == colors[0] for s in shapes)
+        else:
+            want = len(shapes)
+        assert a == str(want)
+    elif task == "exist":
+        (pair,) = S.parse_caption_objects(q)
+        assert a == ("yes" if pair in {(s.color, s.kind) for s in shapes} else "no")
+    elif task == "position":
+        (name,) = [n for n in names if f"the {n} " in q]
+        s = names[name]
+        if a in ("left", "right"):
+            assert "left" in q and (s.center[0] < scene.width / 2) == (a == "left")
+            assert abs(s.center[0] - scene.width / 2) >= 0.08 * scene.width
+        else:
+            assert a in ("top", "bottom") and "top" in q
+            assert (s.center[1] < scene.height / 2) == (a == "top")
+            assert abs(s.center[1] - scene.height / 2) >= 0.08 * scene.height
+    elif task == "relation":
+        first, second = sorted((n for n in names if f"the {n}" in q), key=q.index)
+        sa, sb = names[first], names[second]
+        ax = 0 if ("left" in q or "right" in q) else 1
+        assert abs(sa.center[ax] - sb.center[ax]) >= 0.1 * (scene.width, scene.height)[ax]
+        before = sa.center[ax] < sb.center[ax]
+        truth = before if any(w in q for w in ("left", "above", "higher", "over")) else not before
+        assert a == ("yes" if truth else "no")
+    elif task == "caption":
+        assert S.parse_caption_objects(a) == {(s.color, s.kind) for s in shapes}
+        assert a.endswith(".") and "[[" not in a
+    elif task == "ground":
+        (name,) = [n for n in names if f"the {n}" in q]
+        assert a.startswith(f"the {name}[[")
+        (m,) = BOX_RE.findall(a)
+        true = _norm(names[name].box, scene)
+        assert all(abs(int(v) - min(t, 999)) <= 1 for v, t in zip(m, true))
+    elif task == "ground_caption":
+        assert S.parse_caption_objects(a) == {(s.color, s.kind) for s in shapes}
+        pieces = re.findall(r"(\w+) (\w+)\[\[(\d{3}),(\d{3}),(\d{3}),(\d{3})\]\]", a)
+        assert len(pieces) == len(shapes)
+        for color, kind, *vals in pieces:
+            true = _norm(names[f"{color} {kind}"].box, scene)
+            assert all(abs(int(v) - min(t, 999)) <= 1 for v, t in zip(vals, true))
+    else:  # pragma: no cover
+        pytest.fail(f"unknown task {task}")
+
+
+def test_answers_match_scene():
+    seen = Counter()
+    for path, scene, records in S.iter_scenes(21, 250, per_scene=4):
+        for rec in records:
+            assert rec["image"] == path
+            assert [t["role"] for t in rec["conversations"]] == ["user", "assistant"]
+            _check_answer(scene, rec)
+            seen[rec["task"]] += 1
+    assert set(seen) == set(S.TASKS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([64, 224, 490]))
+def test_answers_match_scene_property(seed, size):
+    rng = random.Random(seed)
+    scene = S.make_scene(rng, size)
+    for rec in S.make_records(scene, rng, "images/x.png", per_scene=len(S.TASKS)):
+        _check_answer(scene, rec)
+
+
+def test_phrasings_vary():
+    questions: dict[str, set[str]] = {}
+    for _, _, records in S.iter_scenes(4, 300, per_scene=3):
+        for rec in records:
+            q = rec["conversations"][0]["content"]
+            questions.setdefault(rec["task"], set()).add(re.sub(r"\b(" + "|".join(S.COLORS) + r")\b", "C", q))
+    for task in ("color", "shape", "caption", "ground", "ground_caption", "position", "exist"):
+        assert len({re.sub(r"\b(" + "|".join(S.KINDS) + r")s?\b", "K", q) for q in questions[task]}) >= 3
+
+
+def test_exist_balanced_and_count_zero_occurs():
+    exist = [r["conversations"][1]["content"] for _, _, rs in S.iter_scenes(5, 300, tasks=["exist"], per_scene=1)
+             for r in rs]
+    assert len(exist) == 300
+    assert 0.35 <= exist.count("yes") / 300 <= 0.65
+    counts = Counter(r["conversations"][1]["content"]
+                     for _, _, rs in S.iter_scenes(6, 300, tasks=["count"], per_scene=1) for r in rs)
+    assert {"0", "1", "2", "3", "4"} <= set(counts)
+
+
+def test_records_respect_task_list():
+    for _, _, records in S.iter_scenes(8, 40, tasks=["caption", "ground"], per_scene=2):
+        assert {r["task"] for r in records} <= {"caption", "ground"}
+        assert len(records) == 2
+    with pytest.raises(ValueError):
+        S.make_records(_scenes(0, 1)[0], random.Random(0), "x.png", tasks=["nope"])
+
+
+def test_format_box_and_caption_parser():
+    assert S.format_box((0, 0, 224, 224), 224, 224) == "[[000,000,999,999]]"
+    assert S.format_box((22, 56, 112, 100), 224, 200) == "[[098,280,500,500]]"
+    assert S.parse_caption_objects("A large Red circle, a blue star[[001,002,003,004]] and two green squares.") == {
+        ("red", "circle"), ("blue", "star"), ("green", "square")}
+    assert S.parse_caption_objects("nothing here") == set()
+
+
+# ----------------------------------------------------------------------------- writer
+def test_write_dataset_files(tmp_path):
+    out = tmp_path / "ds"
+    path = S.write_dataset(out, 4, seed=0, size=64, per_scene=2)
+    assert path == out / "data.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    scenes = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    assert len(scenes) == 4 and len(records) == 8
+    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "images", "scenes.jsonl"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    for rec in records:
+        assert not rec["image"].startswith("/") and (out / rec["image"]).is_file()
+    for sc in scenes:
+        assert sc["width"] == sc["height"] == 64 and (out / sc["image"]).is_file()
+        assert all({"kind", "color", "size", "box"} <= set(s) for s in sc["shapes"])
+        on_disk = Image.open(out / sc["image"]).convert("RGB")
+        assert S.scene_from_dict(sc).render().tobytes() == on_disk.tobytes()
+    # Rewriting in place leaves no temp files behind.
+    S.write_dataset(out, 4, seed=0, size=64, per_scene=2)
+    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "images", "scenes.jsonl"]
