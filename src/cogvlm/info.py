@@ -1,0 +1,63 @@
+"""Architecture summary of a folder or preset, built on the meta device (no weights read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import CogVLMConfig, get_preset
+from .model import CogVLMForCausalLM
+
+#: Bytes per parameter for weight memory estimates (int4 packs two weights per byte).
+BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def resolve_config(folder_or_preset: str | Path) -> tuple[CogVLMConfig, str]:
+    """A config.json folder, or else a preset name."""
+    path = Path(folder_or_preset)
+    if path.is_dir():
+        return CogVLMConfig.from_json(path / "config.json"), str(path)
+    return get_preset(str(folder_or_preset)), f"preset {folder_or_preset}"
+
+
+def parameter_counts(config: CogVLMConfig) -> dict[str, int]:
+    """Parameters per part: vision tower, adapter (GLU + boi/eoi), language expert, vision experts."""
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    counts = {"vision tower (EVA2-CLIP)": 0, "adapter (GLU, boi, eoi)": 0,
+              "language model": 0, "visual experts": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("model.vision.transformer") or name.startswith("model.vision.patch_embedding"):
+            counts["vision tower (EVA2-CLIP)"] += p.numel()
+        elif name.startswith("model.vision."):
+            counts["adapter (GLU, boi, eoi)"] += p.numel()
+        elif "vision_expert" in name or "vision_mlp" in name:
+            counts["visual experts"] += p.numel()
+        else:
+            counts["language model"] += p.numel()
+    return counts
+
+
+def describe(folder_or_preset: str | Path) -> str:
+    """The text `cogvlm info` prints."""
+    config, source = resolve_config(folder_or_preset)
+    v = config.vision_config
+    counts = parameter_counts(config)
+    total = sum(counts.values())
+    lines = [
+        f"CogVLM ({source})",
+        f"  decoder: {config.num_hidden_layers} layers, width {config.hidden_size}, "
+        f"{config.num_attention_heads} heads x {config.head_dim}, FFN {config.intermediate_size}, "
+        f"vocab {config.vocab_size}, visual expert in every layer",
+        f"  vision:  EVA2-CLIP {v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_heads} heads, "
+        f"FFN {v.intermediate_size}, {v.image_size} px / patch {v.patch_size} = {v.num_patches} patches",
+        f"  image tokens per image: {config.image_tokens} (patches + boi + eoi); "
+        f"template: {config.template_version}",
+        "  parameters:",
+        *(f"    {name:<26} {n / 1e9:8.3f} B" for name, n in counts.items()),
+        f"    {'total':<26} {total / 1e9:8.3f} B ({total:,})",
+        "  weight memory:",
+        *(f"    {dtype:<6} {total * b / 2**30:8.2f} GiB" for dtype, b in BYTES_PER_PARAM.items()),
+    ]
+    return "\n".join(lines)
