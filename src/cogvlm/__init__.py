@@ -5,12 +5,13 @@ D decoder width, Dv ViT width, H heads, K head dim, V vocabulary.
 """
 
 from .config import PRESETS, CogVLMConfig, VisionConfig, get_preset
-from .errors import CheckpointError, CogVLMError, ImageError, PromptError
+from .errors import CheckpointError, CogVLMError, ImageError, PromptError, SettingsError
 from .generation import GenerationConfig
 from .model import CogVLMForCausalLM
+from .pipeline import GroundingResult, Pipeline, load
 from .tokenizer import load_tokenizer
 
-__all__ = ["CogVLMForCausalLM", "CogVLMConfig", "VisionConfig", "PRESETS", "get_preset",
-           "GenerationConfig", "load_tokenizer", "CogVLMError", "CheckpointError", "ImageError",
-           "PromptError"]
+__all__ = ["load", "Pipeline", "GroundingResult", "CogVLMForCausalLM", "CogVLMConfig", "VisionConfig",
+           "PRESETS", "get_preset", "GenerationConfig", "load_tokenizer", "CogVLMError",
+           "CheckpointError", "ImageError", "PromptError", "SettingsError"]
 __version__ = "0.1.0"

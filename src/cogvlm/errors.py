@@ -15,3 +15,7 @@ class ImageError(CogVLMError):
 
 class PromptError(CogVLMError):
     """A prompt that cannot be built or does not fit the model."""
+
+
+class SettingsError(CogVLMError, ValueError):
+    """A generation or command setting out of its range (temperature <= 0, ...)."""

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .config import LANGUAGE_TOKEN_TYPE
+from .errors import SettingsError
 from .model.positions import build_position_ids
 
 
@@ -38,7 +39,7 @@ class GenerationConfig:
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SettingsError(message)
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
@@ -193,7 +194,7 @@ def generate_sequences(model: Any, input_ids: torch.Tensor, token_type_ids: torc
     if unknown:
         raise TypeError(f"generate() got unexpected argument(s): {', '.join(sorted(unknown))}")
     if num_beams != 1:
-        raise ValueError("beam search is not supported (num_beams must be 1)")
+        raise SettingsError("beam search is not supported (num_beams must be 1)")
     kwargs.pop("use_cache", None)
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)

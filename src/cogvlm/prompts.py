@@ -22,6 +22,31 @@ _ANSWER_TAG = {"chat": "Answer:", "vqa": "Short answer:"}
 
 History = Sequence[tuple[str, str]]
 
+#: The grounding model's prompt families (its training templates, spec section 5).
+GROUNDED_CAPTION = ("Can you provide a description of the image and include the coordinates "
+                    "[[x0,y0,x1,y1]] for each mentioned object?")
+WHERE_IS = "Where is {expr}?"
+BOX_TO_CAPTION = "Tell me what you see within the designated area {box} in the picture."
+
+
+def where_is_query(expression: str) -> str:
+    """'the red circle' -> 'Where is the red circle?'; a full question is kept as written."""
+    expression = expression.strip()
+    return expression if expression.endswith("?") else WHERE_IS.format(expr=expression)
+
+
+def box_to_caption_query(box: str, width: int, height: int) -> str:
+    """'X0,Y0,X1,Y1' in pixels -> the box-to-caption question with the box in [[...]] notation."""
+    from .grounding import format_box, pixel_to_normalised
+
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    except ValueError:
+        raise PromptError(f"bad box '{box}': expected X0,Y0,X1,Y1 in pixels") from None
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise PromptError(f"box {box} is not inside the {width}x{height} image")
+    return BOX_TO_CAPTION.format(box=format_box(pixel_to_normalised((x0, y0, x1, y1), width, height)))
+
 
 def format_prompt(query: str, history: History | None, template_version: str) -> str:
     """The prompt text of one turn, with the history before it."""

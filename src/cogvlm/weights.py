@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .config import CogVLMConfig
 from .errors import CheckpointError
@@ -62,23 +63,40 @@ def weight_files(folder: Path) -> list[Path]:
                           f"pytorch_model.bin or {BIN_INDEX})")
 
 
-def iter_tensors(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one weight file, read lazily through a memory map."""
+_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def iter_tensors(path: Path, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, floating tensors cast to `dtype` on `device`.
+
+    When the file already holds `dtype` and the target is the CPU, tensors stay views of the
+    memory map (zero copy: pages are read when first used). Otherwise each tensor is read with
+    pread, converted, and its buffer freed, so a conversion never keeps the whole file resident.
+    """
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt") as f:
+                stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+            floats = stored & {"F64", "F32", "BF16", "F16"}
+            zero_copy = device.type == "cpu" and floats <= {_SAFE_DTYPES.get(dtype)}
+            with safe_open(str(path), framework="pt", backend="mmap" if zero_copy else "pread") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, _cast(f.get_tensor(name), device, dtype)
         else:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: not a state dict")
-            yield from state.items()
+            for name, tensor in state.items():
+                yield name, _cast(tensor, device, dtype)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors / pickle errors carry no file name; add it
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: corrupt or truncated weight file ({reason})") from None
+
+
+def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -104,11 +122,12 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, *, low_cpu_mem_usage: bool = True,
-               trust_remote_code: bool = True) -> "CogVLMForCausalLM":
+               device: str | torch.device | None = None, *, progress: bool = False,
+               low_cpu_mem_usage: bool = True, trust_remote_code: bool = True) -> "CogVLMForCausalLM":
     """Build on the meta device, then fill every tensor straight from the memory-mapped files.
 
     `dtype` None keeps float32 (as transformers does); 'auto' uses config.json's torch_dtype.
+    `progress` shows a bar (stderr) over the tensors read.
     The official call's `low_cpu_mem_usage` and `trust_remote_code` are accepted and have no
     effect: loading is always lean and there is no remote code.
     """
@@ -127,11 +146,13 @@ def load_model(folder: str | Path, dtype: torch.dtype | str | None = None,
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress,
+               leave=False)
     for path in files:
-        for name, tensor in iter_tensors(path, device if device.type != "meta" else "cpu"):
-            if tensor.is_floating_point():
-                tensor = tensor.to(device=device, dtype=dtype)
+        for name, tensor in iter_tensors(path, device, dtype):
             state[name] = tensor
+            bar.update()
+    bar.close()
     check_keys(expected, {k: v.shape for k, v in state.items()}, str(files[0].parent / files[0].name)
                if len(files) == 1 else f"{folder} ({len(files)} shards)")
     for name in expected:  # checkpoints without inv_freq: compute it as the official init would

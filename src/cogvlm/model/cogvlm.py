@@ -94,6 +94,20 @@ class CogVLMForCausalLM(nn.Module):
         self.model = CogVLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self) -> "CogVLMForCausalLM":
+        """The official `_init_weights`: normal(0, initializer_range) for every Linear and
+        Embedding weight, zero biases and padding row; norms stay at one, boi/eoi at zero."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

@@ -1,0 +1,168 @@
+"""The Python API one level above the model: load once, then chat, batch, stream, ground.
+
+    >>> vlm = cogvlm.load()                      # the shipped default model
+    >>> vlm.chat("What color is the star?", image="examples/scene.png")
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import CheckpointError, PromptError
+from .generation import BatchDecoder, GenerationConfig
+from .grounding import Box, parse_boxes
+from .image import ImageInput, load_image
+from .prompts import History, build_conversation_input_ids, collate
+from .streaming import TextStream
+from .tokenizer import load_tokenizer
+from .weights import load_model
+
+#: The shipped default model (trained by this project on synthetic scenes), inside the package.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-shapes"
+#: The official demos generate up to max_length=2048 tokens, prompt (image tokens too) included.
+CONTEXT_LENGTH = 2048
+
+
+@dataclass
+class GroundingResult:
+    """An answer and the boxes in it (normalised, and in pixels of the original image)."""
+
+    text: str
+    boxes: list[Box]
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "boxes": [b.to_dict(self.width, self.height) for b in self.boxes]}
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> cuda, else mps, else cpu."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
+
+
+def pick_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """None -> bf16 on CUDA cards that have it, fp16 (with a warning) on older ones, fp32 elsewhere."""
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        warnings.warn("this GPU has no bfloat16: using float16, which may overflow on long answers")
+        return torch.float16
+    return torch.float32
+
+
+class Pipeline:
+    """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes."""
+
+    def __init__(self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.generation = generation or GenerationConfig(max_new_tokens=CONTEXT_LENGTH)
+
+    # ---- building requests --------------------------------------------------------------------
+
+    def build(self, query: str, image: ImageInput | None = None, history: History | None = None,
+              template_version: str | None = None) -> dict[str, Any]:
+        """One request's model inputs (see prompts.build_conversation_input_ids)."""
+        images = None if image is None else [load_image(image)]
+        return build_conversation_input_ids(self.tokenizer, self.model.config, query=query,
+                                            history=[tuple(h) for h in history or []], images=images,
+                                            template_version=template_version)
+
+    def _config(self, sample: dict[str, Any], gen: dict[str, Any]) -> GenerationConfig:
+        stop = gen.pop("stop", None)
+        config = self.generation.replace(**gen)
+        if stop is not None:
+            config = config.replace(stop=(stop,) if isinstance(stop, str) else tuple(stop))
+        room = CONTEXT_LENGTH - len(sample["input_ids"])
+        if room < 1:
+            raise PromptError(f"prompt too long: {len(sample['input_ids'])} tokens, the context is "
+                              f"{CONTEXT_LENGTH} (an image takes {self.model.config.image_tokens})")
+        return config.replace(max_new_tokens=min(config.max_new_tokens, room))
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def generate(self, samples: Sequence[dict[str, Any]],
+                 configs: Sequence[GenerationConfig]) -> Iterator[tuple[int, str]]:
+        """Run built samples together; yields (row, text piece) as tokens arrive."""
+        batch = collate(samples, pad_token_id=self.tokenizer.pad_token_id)
+        dtype = self.model.dtype
+        batch["images"] = [[img.to(dtype) for img in imgs] for imgs in batch["images"]]
+        eos = self.tokenizer.eos_token_id
+        decoder = BatchDecoder(self.model, batch, configs, eos)
+        streams = [TextStream(self.tokenizer, c.stop) for c in configs]
+        for step in decoder:
+            for row, token in step.items():
+                if token == eos:
+                    continue
+                piece = streams[row].push(token)
+                if streams[row].stopped:
+                    decoder.finish(row)
+                if piece:
+                    yield row, piece
+        for row, stream in enumerate(streams):
+            rest = stream.finish()
+            if rest:
+                yield row, rest
+
+    def batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[str]:
+        """Answers to many requests at once; each is a dict with `query`, `image`, `history`
+        (and optionally `template_version`). Equal to running each alone (greedy)."""
+        samples = [self.build(r["query"], r.get("image"), r.get("history"), r.get("template_version"))
+                   for r in requests]
+        configs = [self._config(s, dict(gen)) for s in samples]
+        answers = [""] * len(samples)
+        for row, piece in self.generate(samples, configs):
+            answers[row] += piece
+        return answers
+
+    def chat(self, query: str, image: ImageInput | None = None, history: History | None = None,
+             template_version: str | None = None, **gen: Any) -> str:
+        """One answer; history is a list of (question, answer) pairs."""
+        return "".join(self.stream(query, image, history, template_version, **gen))
+
+    def stream(self, query: str, image: ImageInput | None = None, history: History | None = None,
+               template_version: str | None = None, **gen: Any) -> Iterator[str]:
+        """The answer as text pieces while it is generated; they concatenate to `chat`'s answer."""
+        sample = self.build(query, image, history, template_version)
+        config = self._config(sample, dict(gen))
+        for _, piece in self.generate([sample], [config]):
+            yield piece
+
+    def ground(self, image: ImageInput, query: str, **gen: Any) -> GroundingResult:
+        """Ask the grounding prompt (base template) and parse the boxes from the answer."""
+        picture = load_image(image)
+        text = self.chat(query, picture, template_version=gen.pop("template_version", "base"), **gen)
+        return GroundingResult(text, parse_boxes(text), picture.width, picture.height)
+
+
+def load(model: str | Path | None = None, tokenizer: str | Path | Any | None = None,
+         device: str | torch.device | None = "auto", dtype: torch.dtype | str | None = None,
+         progress: bool = False) -> Pipeline:
+    """Load a model folder (default: the shipped tiny model) and its tokenizer into a Pipeline."""
+    folder = Path(model) if model is not None else DEFAULT_MODEL
+    if model is None and not (folder / "config.json").is_file():
+        raise CheckpointError("the default model is not in this installation; pass a model folder")
+    where = pick_device(device)
+    net = load_model(folder, dtype=pick_dtype(where, dtype), device=where, progress=progress)
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer or folder)
+    return Pipeline(net, tokenizer)
+
+
+__all__ = ["Pipeline", "GroundingResult", "load", "DEFAULT_MODEL", "pick_device", "pick_dtype"]
