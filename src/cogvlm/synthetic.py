@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import grounding
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 150, 40),
@@ -193,12 +195,8 @@ def scene_from_dict(d: dict) -> Scene:
 
 
 def format_box(box_px: Sequence[float], width: int, height: int) -> str:
-    """Official grounding notation: ``[[x0,y0,x1,y1]]`` in 0..999 thousandths, 3 digits each."""
-    vals = []
-    for i, v in enumerate(box_px):
-        side = width if i % 2 == 0 else height
-        vals.append(min(999, max(0, math.floor(v / side * 1000 + 0.5))))
-    return "[[" + ",".join(f"{v:03d}" for v in vals) + "]]"
+    """Official grounding notation of a pixel box: ``[[x0,y0,x1,y1]]`` in 000-999."""
+    return grounding.format_box(grounding.pixel_to_normalised(tuple(box_px), width, height))
 
 
 # ----------------------------------------------------------------------------- records
