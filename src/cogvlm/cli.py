@@ -167,6 +167,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from .synthetic import corpus
+    from .tokenizer_train import train_sentencepiece
+
+    print(train_sentencepiece(corpus(args.seed, args.n), args.out, vocab_size=args.vocab_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cogvlm", description="CogVLM in plain PyTorch: chat, ask, ground, serve, train.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -224,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--easy", action="store_true", help="1-2 large shapes on white")
+    p = data.add_parser("tokenizer", help="train a SentencePiece tokenizer on the synthetic texts")
+    p.set_defaults(func=cmd_data_tokenizer)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=3000, help="number of scenes whose texts are used")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=512)
     return parser
 
 

@@ -393,6 +393,17 @@ def iter_samples(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None
             yield image, record
 
 
+def corpus(seed: int, n: int) -> Iterator[str]:
+    """Every prompt (as its template writes it) and answer of n scenes: text to train a tokenizer."""
+    from .prompts import format_prompt
+
+    for _, _, records in iter_scenes(seed, n, tasks=TASKS, per_scene=len(TASKS)):
+        for record in records:
+            question, answer = (turn["content"] for turn in record["conversations"])
+            yield format_prompt(question, None, record["template_version"])
+            yield answer
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
