@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from .config import CogVLMConfig
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .model.cogvlm import CogVLMForCausalLM
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -96,16 +96,25 @@ class CogVLMForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> "CogVLMForCausalLM":
-        """The official `_init_weights`: normal(0, initializer_range) for every Linear and
-        Embedding weight, zero biases and padding row; norms stay at one, boi/eoi at zero."""
+        """Random init for training from scratch: the official `_init_weights` (normal(0,
+        initializer_range) for Linear and Embedding weights, zero biases and padding row),
+        extended to the patch conv and the free vectors (cls, boi, eoi) so no input is all zero;
+        norm weights one."""
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        vision = self.model.vision
+        for param in (vision.patch_embedding.cls_embedding, vision.boi, vision.eoi):
+            param.normal_(0.0, std)
         return self
 
     @property
