@@ -403,3 +403,24 @@ def test_shipped_accelerate_configs_parse(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     assert load_config_from_file(str(path)).num_processes >= 1
+
+
+# ----------------------------------------------------------------------------- stages
+def test_stages_chain_and_resume(tmp_path):
+    """Stage 2 starts from stage 1's final weights; a resumed run skips finished stages."""
+    from cogvlm.train import run
+
+    settings = config(tmp_path / "run", data=[], max_steps=2, stages=[
+        {"name": "warm", "data": [{"type": "synthetic", "seed": 1, "easy": True, "per_scene": 2}]},
+        {"data": [{"type": "synthetic", "seed": 2, "per_scene": 2}], "lr": 1e-3, "max_steps": 3}])
+    final = run(settings)
+    assert final == tmp_path / "run" / "stage2" / "checkpoints" / "step-3"
+    stage2 = yaml.safe_load((tmp_path / "run" / "stage2" / "train_config.yaml").read_text())
+    assert stage2["model"] == str(tmp_path / "run" / "warm" / "checkpoints" / "step-2")
+    assert stage2["lr"] == 1e-3 and stage2["stages"] == []
+    assert (final / "tokenizer.model").is_file()  # a final checkpoint loads on its own
+    before = weights(final)
+    lines = (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text()
+    assert run(settings | {"resume": True}) == final
+    assert (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text() == lines
+    assert all(torch.equal(before[k], v) for k, v in weights(final).items())

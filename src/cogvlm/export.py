@@ -6,16 +6,13 @@ and head, RoPE base 10000 over the whole head in the same rotate-half layout, so
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from .config import CogVLMConfig
+from .tokenizer import copy_tokenizer_files
 from .weights import load_model, save_state_dict, write_json
-
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def llama_config(config: CogVLMConfig, dtype: torch.dtype) -> dict:
     """transformers' LlamaConfig fields for the language expert."""
@@ -61,7 +58,5 @@ def export_llm(folder: str | Path, out: str | Path, max_shard_size: int | str = 
     write_json(out / "generation_config.json", {"bos_token_id": model.config.bos_token_id,
                                                 "eos_token_id": model.config.eos_token_id,
                                                 "pad_token_id": model.config.pad_token_id})
-    for name in _TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
+    copy_tokenizer_files(folder, out)
     return out

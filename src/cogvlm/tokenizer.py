@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import CheckpointError
+
+
+#: The files that make a tokenizer folder (copied along with exported or trained checkpoints).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """Copy whichever tokenizer files `src` has into `dst`, so `dst` loads on its own."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def _special_names(folder: Path) -> dict[str, str]:

@@ -35,6 +35,10 @@ Optimisation
   cpu                      force the CPU (implied where no accelerator device exists; needed for
                            several CPU processes, which then use gloo)
   find_unused_parameters   DDP: set true when some batches have no image at all
+Stages
+  stages                   a list of override dicts run one after the other, each starting from
+                           the previous stage's final weights (its `model`), in
+                           output_dir/<name or stageN>; e.g. an easy warm-up, then the full mix
 Run
   output_dir, seed, save_every (0: only at the end), keep_last (0: keep all),
   eval_every (0: never), eval_batch_size, log_every, save_shard_size,
@@ -104,6 +108,7 @@ class TrainConfig:
     log_every: int = 1
     save_shard_size: str = "5GB"
     resume: Any = False
+    stages: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,7 +148,7 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"mode '{cfg.mode}' (use {', '.join(MODES)})")
     if cfg.mixed_precision not in MIXED_PRECISION:
         problems.append(f"mixed_precision '{cfg.mixed_precision}' (use {', '.join(MIXED_PRECISION)})")
-    if not cfg.data:
+    if not cfg.data and not cfg.stages:
         problems.append("data is empty (give at least one source)")
     if cfg.model is None and cfg.model_config is None:
         problems.append("neither model nor model_config is set")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import CogVLMConfig
 from ..errors import CogVLMError
-from ..tokenizer import load_tokenizer
+from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, register_hooks, resolve_resume, save_checkpoint
 from .config import TrainConfig, TrainError, load_config, save_config
 from .data import IGNORE_INDEX, MicroBatchSampler, build_dataset, collate
@@ -241,6 +241,8 @@ def run(config: dict | str | Path, overrides: dict | None = None,
     results go into metrics.jsonl. Works the same under `accelerate launch` with N processes.
     """
     cfg = load_config(config, overrides)
+    if cfg.stages:
+        return run_stages(cfg, evaluators)
     cpu = cfg.cpu or not torch.accelerator.is_available()
     mixed = resolve_mixed_precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
@@ -250,6 +252,25 @@ def run(config: dict | str | Path, overrides: dict | None = None,
         return _train(cfg, accelerator, evaluators)
     finally:  # let a later run in this process choose another mixed precision
         AcceleratorState._reset_state()
+
+
+def run_stages(cfg: TrainConfig, evaluators: Sequence[Evaluator] = ()) -> Path:
+    """Run `cfg.stages` in order; stage k+1 starts from stage k's final checkpoint. With
+    `resume`, finished stages return at once and the interrupted one continues."""
+    base = {k: v for k, v in cfg.to_dict().items() if k != "stages"}
+    final: Path | None = None
+    for i, stage in enumerate(cfg.stages, 1):
+        if not isinstance(stage, dict):
+            raise TrainError(f"stages entry {i}: expected a mapping of keys to override")
+        stage = dict(stage)
+        name = str(stage.pop("name", f"stage{i}"))
+        settings = {**base, **stage, "output_dir": str(Path(cfg.output_dir) / name)}
+        if final is not None:
+            settings |= {"model": str(final), "model_config": None}
+        if settings["resume"] and latest_checkpoint(Path(settings["output_dir"])) is None:
+            settings["resume"] = False  # this stage has not started yet
+        final = run(settings, evaluators=evaluators)
+    return final
 
 
 def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Evaluator]) -> Path:
@@ -318,6 +339,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     del batches  # stops DataLoader workers
     if main:
         plot_metrics(output_dir / "metrics.jsonl", output_dir / "loss.png")
+        if final is not None and cfg.mode != "lora":  # the final folder loads on its own
+            copy_tokenizer_files(cfg.tokenizer or cfg.model, final)
     return final
 
 
