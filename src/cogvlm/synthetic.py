@@ -38,6 +38,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 10),
 }
 KINDS: tuple[str, ...] = ("circle", "square", "rectangle", "triangle", "star")
+COLOR_JITTER = 16  # per channel, on top of the named colour (see Scene.shape_rgb)
 SIZES: dict[str, float] = {"small": 0.14, "medium": 0.22, "large": 0.32}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
@@ -105,9 +106,16 @@ class Scene:
                 rgb[::period, :] -= 16
         img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
         draw = ImageDraw.Draw(img)
-        for shape in self.shapes:
-            _draw_shape(draw, shape.kind, shape.box, COLORS[shape.color])
+        for i, shape in enumerate(self.shapes):
+            _draw_shape(draw, shape.kind, shape.box, self.shape_rgb(i))
         return img
+
+    def shape_rgb(self, i: int) -> tuple[int, int, int]:
+        """Shape i's fill: its named colour moved by up to COLOR_JITTER per channel, so a model
+        learns colour names rather than eight exact RGB values."""
+        rs = np.random.RandomState((self.texture_seed + 7919 * (i + 1)) % 2**32)
+        jitter = rs.randint(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+        return tuple(int(v) for v in np.clip(np.array(COLORS[self.shapes[i].color]) + jitter, 0, 255))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill) -> None:
