@@ -160,6 +160,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return cli_main(rest)
 
 
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from .eval import cli_main
+
+    return cli_main(rest)
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from .synthetic import write_dataset
 
@@ -223,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune: cogvlm train CONFIG.yaml [--key value ...]",
                        add_help=False)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="benchmarks with their official metrics: cogvlm eval TASK | --list",
+                       add_help=False)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("data", help="datasets")
     data = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data.add_parser("synth", help="write a synthetic shapes dataset (images/ + data.jsonl)")
@@ -244,12 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["train"]:  # the training CLI parses its own flags
-        args, rest = parser.parse_args(argv[:1]), argv[1:]
-    else:
-        args, rest = parser.parse_args(argv), []
+    delegated = argv[:1] in (["train"], ["eval"])  # these parse their own flags
+    args, rest = (parser.parse_args(argv[:1]), argv[1:]) if delegated else (parser.parse_args(argv), [])
     try:
-        return args.func(args, rest) if args.func is cmd_train else args.func(args)
+        return args.func(args, rest) if delegated else args.func(args)
     except CogVLMError as e:
         print(f"cogvlm: error: {e}", file=sys.stderr)
         return 2

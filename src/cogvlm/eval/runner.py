@@ -1,0 +1,252 @@
+"""Running a task: batched greedy answers, scores, and the files of a run.
+
+`evaluate` asks a pipeline every question and summarises the scores (no files; the training
+loop uses it through `evaluate_shapes`). `run` does the same for the CLI and keeps, in `out`:
+- `{task}-{split}.predictions.jsonl`: a settings line, then one line per answer, appended and
+  flushed as answers arrive, so a rerun with the same settings asks only what is missing;
+- `{task}-{split}.results.json`: settings, scores (overall and per type), counts, seconds and the
+  paper's number;
+- `{task}-{split}.submission.json` for tasks with an evaluation server format;
+- `summary.md`: every results file of the folder in one table, the paper's numbers beside ours.
+All but the predictions are written atomically (temporary file, then os.replace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from ..errors import CogVLMError
+from .tasks import DOCS, Item, Task
+
+
+class Answerer(Protocol):
+    """What a run needs of a model: `cogvlm.Pipeline.batch`."""
+
+    def batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[str]: ...
+
+
+# ----------------------------------------------------------------------------- items
+def load_items(task: Task, data: Path | None, split: str, limit: int | None = None) -> tuple[list[Item], int]:
+    """The first `limit` questions of a split whose image exists, and how many were skipped for a
+    missing image (only tasks with `skip_missing_images`; otherwise a missing image is an error)."""
+    if task.load is None:
+        raise CogVLMError(f"{task.name} is not read from files")
+    if split not in task.splits:
+        raise CogVLMError(f"{task.name} has no split '{split}' (use one of: {', '.join(task.splits)})")
+    if data is None or not Path(data).is_dir():
+        raise CogVLMError(f"{data}: no such folder (--data: the {task.name} files, see {DOCS})")
+    items: list[Item] = []
+    missing = 0
+    for item in task.load(Path(data), split):
+        if limit is not None and len(items) >= limit:
+            break
+        if not Path(item.image).is_file():
+            if not task.skip_missing_images:
+                raise CogVLMError(f"{item.image}: image not found (expected layout: {DOCS})")
+            missing += 1
+            continue
+        items.append(item)
+    if not items:
+        raise CogVLMError(f"{data}: no {task.name} questions in split '{split}'")
+    if len({i.id for i in items}) != len(items):
+        raise CogVLMError(f"{data}: {task.name} question ids are not unique in split '{split}'")
+    return items, missing
+
+
+# ----------------------------------------------------------------------------- answering
+def _batches(items: Sequence[Item], task: Task, size: int) -> Iterable[list[Item]]:
+    """Consecutive items with the same max_new_tokens, `size` at a time."""
+    for _, group in itertools.groupby(items, key=lambda i: i.max_new_tokens or task.max_new_tokens):
+        group = list(group)
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
+
+
+def _request(task: Task, item: Item) -> dict[str, Any]:
+    return {"query": item.query, "image": item.image, "template_version": item.template or task.template}
+
+
+def predict(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: int = 8,
+            answered: dict[str, str] | None = None, on_answer: Callable[[Item, str], None] | None = None,
+            progress: bool = False) -> dict[str, str]:
+    """Raw answers by item id: those in `answered` are kept, the others asked in batches (greedy).
+    `on_answer` sees each new answer as it arrives; the progress bar shows the running score."""
+    if batch_size < 1:
+        raise CogVLMError(f"batch size must be >= 1 (got {batch_size})")
+    raw = dict(answered or {})
+    todo = [i for i in items if i.id not in raw]
+    scorable = task.score is not None
+    running = [task.score(i, task.clean(raw[i.id])) for i in items
+               if scorable and i.target is not None and i.id in raw]
+    total, count = sum(running), len(running)  # the running score, kept in O(1) per answer
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=task.name, unit="q",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in _batches(todo, task, batch_size):
+            texts = pipeline.batch([_request(task, i) for i in chunk],
+                                   max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens)
+            for item, text in zip(chunk, texts, strict=True):
+                raw[item.id] = text
+                if on_answer is not None:
+                    on_answer(item, text)
+                if scorable and item.target is not None:
+                    total, count = total + task.score(item, task.clean(text)), count + 1
+            bar.update(len(chunk))
+            if count:
+                bar.set_postfix_str(f"{task.metric} {100 * total / count:.2f}")
+    return raw
+
+
+def summarise(task: Task, items: Sequence[Item], raw: dict[str, str]) -> dict[str, Any]:
+    """{"scores": {metric: value}, "per_type": {kind: value}, "counts": {...}} over the items that
+    have a target. Accuracies are fractions; captioning scores are on pycocoevalcap's scale."""
+    scored = [i for i in items if i.target is not None]
+    answers = [task.clean(raw[i.id]) for i in scored]
+    scores: dict[str, float] = {}
+    per_type: dict[str, float] = {}
+    if scored and task.corpus is not None:
+        scores, per_type = task.corpus(scored, answers)
+    elif scored and task.score is not None:
+        values = [task.score(i, a) for i, a in zip(scored, answers)]
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for item, value in zip(scored, values):
+            if item.kind:
+                by_kind[item.kind].append(value)
+        scores = {task.metric: fmean(values)}
+        per_type = {kind: fmean(v) for kind, v in by_kind.items()}
+    kinds = dict(Counter(i.kind for i in scored if i.kind))
+    return {"scores": scores, "per_type": per_type,
+            "counts": {"questions": len(items), "scored": len(scored), "per_type": kinds}}
+
+
+def evaluate(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: int = 8,
+             progress: bool = False) -> dict[str, Any]:
+    """Ask every item and summarise (see `summarise`); nothing is written."""
+    return summarise(task, items, predict(pipeline, task, items, batch_size, progress=progress))
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class PredictionLog:
+    """A run's predictions JSONL: a first line {"settings": ...}, then {"id", "answer", "raw"} per
+    answer. A rerun with other settings is refused; a torn line (a crash mid-write) is dropped."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path, self.settings = path, settings
+
+    def resume(self) -> dict[str, str]:
+        """Raw answers already logged, by id; the file is rewritten clean (settings + answers)."""
+        rows: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            records = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+            if records:
+                self._check(records[0].get("settings", {}))
+                rows = {r["id"]: r for r in records[1:] if "id" in r and "raw" in r}
+        lines = [_json_line({"settings": self.settings})] + [_json_line(r) for r in rows.values()]
+        atomic_write(self.path, "".join(lines))
+        return {k: r["raw"] for k, r in rows.items()}
+
+    def _check(self, logged: dict[str, Any]) -> None:
+        changed = [f"{k}: {logged.get(k)!r} != {v!r}" for k, v in self.settings.items()
+                   if logged.get(k) != v]
+        if changed:
+            raise CogVLMError(f"{self.path}: predictions of another run ({'; '.join(changed)}); "
+                              "use another --out or delete the file")
+
+    @contextlib.contextmanager
+    def appending(self, task: Task) -> Iterator[Callable[[Item, str], None]]:
+        """The function that logs one answer, each line flushed as it is written."""
+        with self.path.open("a", encoding="utf-8") as f:
+            def append(item: Item, raw: str) -> None:
+                f.write(_json_line({"id": item.id, "answer": task.clean(raw), "raw": raw}))
+                f.flush()
+
+            yield append
+
+
+def run(task: Task, items: Sequence[Item], pipeline: Answerer | Callable[[], Answerer], *, split: str,
+        model: str, out: Path, batch_size: int = 8, skipped: int = 0,
+        progress: bool = True) -> dict[str, Any]:
+    """Evaluate with resumable predictions and write the run's files (see the module doc).
+    `pipeline` may be a function that loads it: it is called only if a question is left to ask."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{task.name}-{split}"
+    settings = {"task": task.name, "split": split, "model": model, "template": task.template,
+                "prompt": task.prompt, "max_new_tokens": task.max_new_tokens}
+    log = PredictionLog(out / f"{stem}.predictions.jsonl", settings)
+    start = time.perf_counter()
+    answered = log.resume()
+    if not hasattr(pipeline, "batch") and any(i.id not in answered for i in items):
+        pipeline = pipeline()
+    with log.appending(task) as append:
+        raw = predict(pipeline, task, items, batch_size, answered, append, progress)
+    result = {**settings, "metric": task.metric, **summarise(task, items, raw)}
+    result["counts"]["skipped_missing_images"] = skipped
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["paper"] = [vars(p) for p in task.paper]
+    atomic_write(out / f"{stem}.results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if task.submission is not None:
+        answers = [task.clean(raw[i.id]) for i in items]
+        atomic_write(out / f"{stem}.submission.json", json.dumps(task.submission(items, answers)) + "\n")
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*.results.json"))]
+    atomic_write(out / "summary.md", summary_table(results))
+    return result
+
+
+# ----------------------------------------------------------------------------- reporting
+def paper_cell(result: dict[str, Any]) -> str:
+    """The paper's number for the run's split, or its number on another split, labelled."""
+    papers = result.get("paper") or []
+    same = [p for p in papers if p["split"] == result["split"]]
+    if not papers:
+        return "-"
+    paper = (same or papers)[0]
+    labels = ([] if same else [paper["split"]]) + ([paper["note"]] if paper["note"] else [])
+    return f"{paper['value']}" + (f" ({', '.join(labels)})" if labels else "")
+
+
+def summary_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per run, ours beside the paper's (x 100, as papers print)."""
+    lines = ["| task | split | model | metric | ours | paper | questions |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["task"], r["split"], r["model"])):
+        value = r["scores"].get(r["metric"])
+        ours = "-" if value is None else f"{100 * value:.2f}"
+        lines.append(f"| {r['task']} | {r['split']} | {Path(r['model']).name} | {r['metric']} | {ours} "
+                     f"| {paper_cell(r)} | {r['counts']['scored']} |")
+    lines.append("\nScores x 100 (CIDEr too, as papers print it). The paper's captioning numbers come from "
+                 "fine-tuned checkpoints; CIDEr on a subset (--limit) is not comparable to a full split.")
+    return "\n".join(lines) + "\n"
