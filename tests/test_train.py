@@ -233,6 +233,21 @@ def test_each_mode_lowers_the_loss(mode_runs, mode):
     assert curve[8] < curve[1] - 0.3, curve
 
 
+def test_lora_on_a_bf16_base(dataset_dir, tmp_path):
+    """model_dtype bfloat16: the frozen base is bf16, the adapters stay fp32, and it learns."""
+    from cogvlm.train.modes import build_model
+
+    settings = config(tmp_path, mode="lora", lr=1e-2, max_steps=8, min_lr_ratio=1.0, model=str(REFERENCE),
+                      model_config=None, model_dtype="bfloat16",
+                      data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}])
+    model, _ = build_model(load_config(settings), None, tmp_path / "probe")
+    dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    curve = losses(run(settings).parents[1])
+    assert curve[8] < curve[1] - 0.3, curve
+
+
 def test_expert_run_left_the_language_side_unchanged(mode_runs):
     before, after = load_file(REFERENCE / "model.safetensors"), weights(mode_runs["expert"])
     for name, tensor in after.items():

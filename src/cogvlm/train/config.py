@@ -7,6 +7,9 @@ Model and mode
   model_config             no `model`: a preset name ("tiny") or a dict of config fields, with an
                            optional "preset" key as the base ({preset: tiny, vision_config: {...}})
   tokenizer                tokenizer folder (default: `model`)
+  model_dtype              float32 (default: fp32 master weights) | bfloat16 | float16: the dtype
+                           the model is loaded in; bfloat16 with mode lora halves the frozen base
+                           (the LoRA adapters stay float32)
   mode                     from_scratch | expert | lora (see `cogvlm.train.modes`). Weights are
                            initialised with `CogVLMForCausalLM.init_weights` exactly when no `model` is given.
   train_vit                expert: train the ViT too (default false)
@@ -74,6 +77,7 @@ class TrainConfig:
     data: list = field(default_factory=list)
     model: str | None = None
     model_config: Any = None
+    model_dtype: str = "float32"
     tokenizer: str | None = None
     mode: str = "from_scratch"
     train_vit: bool = False
@@ -146,6 +150,8 @@ def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.mode not in MODES:
         problems.append(f"mode '{cfg.mode}' (use {', '.join(MODES)})")
+    if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:
         problems.append(f"mixed_precision '{cfg.mixed_precision}' (use {', '.join(MIXED_PRECISION)})")
     if not cfg.data and not cfg.stages:

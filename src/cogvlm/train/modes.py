@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import CogVLMConfig, get_preset
 from ..model import CogVLMForCausalLM
+from ..weights import resolve_dtype
 from .config import TrainConfig, TrainError
 
 #: The model's parameters in four disjoint parts, as glob patterns over official names.
@@ -178,10 +179,10 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
     """The module to train (mode applied) and its model config; seeded init when from scratch."""
     base_path = Path(cfg.model) if cfg.model else output_dir / "base"
     if cfg.model or (cfg.mode == "lora" and (base_path / "config.json").is_file()):
-        model = CogVLMForCausalLM.from_pretrained(base_path)
+        model = CogVLMForCausalLM.from_pretrained(base_path, torch_dtype=cfg.model_dtype)
     else:
         model = CogVLMForCausalLM(model_config_from(cfg.model_config))
-        model.init_weights()
+        model.init_weights().to(resolve_dtype(cfg.model_dtype))
         if cfg.mode == "lora":  # the adapter needs its base on disk to be merged later
             if accelerator.is_main_process:
                 model.save_pretrained(base_path)
