@@ -160,6 +160,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return cli_main(rest)
 
 
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from .serve import cli_main
+
+    return cli_main(rest)
+
+
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from .eval import cli_main
 
@@ -229,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune: cogvlm train CONFIG.yaml [--key value ...]",
                        add_help=False)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web page: cogvlm serve --help",
+                       add_help=False)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("eval", help="benchmarks with their official metrics: cogvlm eval TASK | --list",
                        add_help=False)
     p.set_defaults(func=cmd_eval)
@@ -253,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    delegated = argv[:1] in (["train"], ["eval"])  # these parse their own flags
+    delegated = argv[:1] in (["train"], ["eval"], ["serve"])  # these parse their own flags
     args, rest = (parser.parse_args(argv[:1]), argv[1:]) if delegated else (parser.parse_args(argv), [])
     try:
         return args.func(args, rest) if delegated else args.func(args)

@@ -1,0 +1,309 @@
+"""The serving engine: continuous batching, isolation, cancellation, queue limit, time limit,
+model failures; first on the engine alone, then through a live HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cogvlm.generation import GenerationConfig
+from cogvlm.pipeline import Pipeline
+from cogvlm.serve import EngineSettings, ServeSettings, create_app, running
+from cogvlm.serve.engine import Engine, QueueFull
+
+HISTORY = [("What is in the image?", "a red cat."), ("Is there a blue box?", "yes, on the left."),
+           ("And a green star?", "no, there is no star in this picture at all."),
+           ("What is the cat doing?", "it sleeps on a yellow chair next to the window.")]
+
+
+class Instrumented:
+    """The model, recording (batch, tokens) of every call; optionally slower, or failing once."""
+
+    def __init__(self, model, delay: float = 0.0, fail_at_call: int | None = None) -> None:
+        self.inner, self.delay, self.fail_at_call = model, delay, fail_at_call
+        self.calls: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, **inputs):
+        self.calls.append(tuple(inputs["input_ids"].shape))
+        if len(self.calls) == self.fail_at_call:
+            raise RuntimeError("scripted failure at /secret/path 0xdeadbeef")
+        time.sleep(self.delay)
+        return self.inner(**inputs)
+
+    def decode_batch_sizes(self) -> list[int]:
+        return [b for b, t in self.calls if t == 1]
+
+
+@pytest.fixture(scope="module")
+def vlm(reference_model, reference_tokenizer):
+    return Pipeline(reference_model, reference_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def images(reference_dir):
+    rng = np.random.default_rng(0)
+    made = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 50), (64, 64))]
+    return [Image.open(reference_dir / "images" / f"img{i}.png").convert("RGB") for i in (0, 1)] + made
+
+
+def engine_for(vlm, **settings) -> tuple[Engine, Instrumented]:
+    model = Instrumented(vlm.model, delay=settings.pop("delay", 0.0), fail_at_call=settings.pop("fail_at_call", None))
+    return Engine(Pipeline(model, vlm.tokenizer), EngineSettings(**settings)).start(), model
+
+
+def run(scenario) -> object:
+    """Run a coroutine with a time limit, so that a broken engine fails the test, not hangs it."""
+    return asyncio.run(asyncio.wait_for(scenario, 60))
+
+
+async def finish(job) -> tuple[str, object]:
+    """The text of a job and its last event."""
+    text = ""
+    while (event := await job.events.get()).kind == "text":
+        text += event.text
+    return text, event
+
+
+async def wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+def test_a_request_joins_the_running_batch_and_matches_alone(vlm, images):
+    engine, model = engine_for(vlm, max_batch=4, delay=0.002)
+    first = vlm.build("Describe this image.", images[0])
+    longer = vlm.build("Where is the dog?", images[1], HISTORY)   # longer than the running cache
+    short = vlm.build("Hi")                                        # text only, in an image batch
+
+    async def scenario():
+        a = engine.submit(first, GenerationConfig(max_new_tokens=80), "a")
+        head = ""
+        while len(head) < 5:
+            event = await a.events.get()
+            assert event.kind == "text", event
+            head += event.text
+        joined = [asyncio.create_task(finish(engine.submit(s, GenerationConfig(max_new_tokens=n), r)))
+                  for s, n, r in ((longer, 30, "b"), (short, 20, "c"))]
+        rest, end = await finish(a)
+        return [(head + rest, end)] + await asyncio.gather(*joined)
+
+    try:
+        results = run(scenario())
+    finally:
+        engine.close()
+    alone = [vlm.chat("Describe this image.", images[0], max_new_tokens=80),
+             vlm.chat("Where is the dog?", images[1], HISTORY, max_new_tokens=30),
+             vlm.chat("Hi", max_new_tokens=20)]
+    assert [text for text, _ in results] == alone
+    assert all(end.kind == "done" and end.finish_reason == "length" for _, end in results)
+    sizes = model.decode_batch_sizes()
+    assert sizes[0] == 1 and max(sizes) == 3, "the newcomers decoded in the same steps as the first request"
+    assert len(longer["input_ids"]) > len(first["input_ids"]) + 80  # so the running rows were shifted right
+
+
+def test_seeded_sampling_is_isolated_in_a_batch(vlm, images):
+    settings = [dict(do_sample=True, temperature=1.3, top_k=40, seed=s, max_new_tokens=25) for s in (1, 2)]
+    samples = [vlm.build("Describe this image.", img) for img in images[:2]]
+    engine, model = engine_for(vlm, max_batch=2)
+
+    async def together():
+        jobs = [engine.submit(s, GenerationConfig(**c), str(i)) for i, (s, c) in enumerate(zip(samples, settings))]
+        return await asyncio.gather(*map(finish, jobs))
+
+    try:
+        texts = [text for text, _ in run(together())]
+    finally:
+        engine.close()
+    assert texts == [vlm.chat("Describe this image.", img, **c) for img, c in zip(images, settings)]
+    assert max(model.decode_batch_sizes()) == 2
+
+
+def test_queue_limit_and_cancel_free_slots(vlm):
+    engine, _ = engine_for(vlm, max_batch=1, max_queue=1, delay=0.002)
+    sample = vlm.build("Hi")
+
+    async def scenario():
+        running = engine.submit(sample, GenerationConfig(max_new_tokens=1000), "a")
+        await running.events.get()
+        waiting = engine.submit(sample, GenerationConfig(max_new_tokens=5), "b")
+        with pytest.raises(QueueFull):
+            engine.submit(sample, GenerationConfig(max_new_tokens=5), "c")
+        engine.cancel(waiting)                                   # leaves the queue at once
+        assert engine.stats() == {"running": 1, "waiting": 0}
+        engine.cancel(running)                                   # leaves the batch at the next step
+        await wait_until(lambda: engine.stats()["running"] == 0)
+        return await finish(engine.submit(sample, GenerationConfig(max_new_tokens=5), "d"))
+
+    try:
+        text, end = run(scenario())
+    finally:
+        engine.close()
+    assert end.kind == "done" and text == vlm.chat("Hi", max_new_tokens=5)
+
+
+def test_time_limit_ends_a_request(vlm):
+    engine, _ = engine_for(vlm, timeout_s=0.2, delay=0.005)
+    try:
+        text, end = run(finish_one(engine, vlm.build("Hi"), GenerationConfig(max_new_tokens=1000)))
+    finally:
+        engine.close()
+    assert end.kind == "error" and end.error == "timeout" and text
+
+
+async def finish_one(engine, sample, config):
+    return await finish(engine.submit(sample, config, "one"))
+
+
+def test_a_model_failure_fails_its_requests_not_the_worker(vlm, caplog):
+    engine, _ = engine_for(vlm, fail_at_call=3)
+    sample = vlm.build("Hi")
+    try:
+        with caplog.at_level(logging.ERROR, "cogvlm.serve"):
+            failed = run(finish_one(engine, sample, GenerationConfig(max_new_tokens=10)))
+        served = run(finish_one(engine, sample, GenerationConfig(max_new_tokens=10)))
+    finally:
+        engine.close()
+    assert failed[1].kind == "error" and failed[1].error == "internal"
+    assert "one" in caplog.text                                  # logged with the request id
+    assert served[1].kind == "done" and served[0] == vlm.chat("Hi", max_new_tokens=10)
+
+
+# ---- the same, over HTTP ------------------------------------------------------------------
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def body(question: str, image: Image.Image | None = None, **settings) -> dict:
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **settings}
+
+
+async def post(client: httpx.AsyncClient, request: dict) -> str:
+    """The answer text, read from the JSON or the event stream."""
+    if not request.get("stream"):
+        response = await client.post("/v1/chat/completions", json=request)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+    text = ""
+    async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                text += httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def serve(vlm, model: Instrumented, **engine):
+    app = create_app(Pipeline(model, vlm.tokenizer), ServeSettings(model_names=("tiny",),
+                                                                  engine=EngineSettings(**engine)))
+    return running(app)
+
+
+def test_concurrent_http_requests_each_get_their_lone_answer(vlm, images):
+    questions = ["Describe this image.", "What color is the star?", "Where is the dog?", "A picture of"]
+    requests = [body(q, img, max_tokens=20 + 5 * i, stream=i % 2 == 1) for i, (q, img) in enumerate(zip(questions, images))]
+    requests.append(body("What is a cat?", max_tokens=30, stop=["ing"]))
+    requests.append(body("Describe this image.", images[3], max_tokens=20, temperature=1.0, seed=5, stream=True))
+    alone = [vlm.chat(q, img, max_new_tokens=20 + 5 * i) for i, (q, img) in enumerate(zip(questions, images))]
+    alone += [vlm.chat("What is a cat?", max_new_tokens=30, stop=["ing"]),
+              vlm.chat("Describe this image.", images[3], max_new_tokens=20, do_sample=True, temperature=1.0, seed=5)]
+    model = Instrumented(vlm.model, delay=0.002)
+    with serve(vlm, model, max_batch=8) as url:
+        async def together():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(post(client, r) for r in requests))
+        answers = run(together())
+    assert answers == alone
+    assert max(model.decode_batch_sizes()) > 1
+
+
+def test_a_client_that_disconnects_frees_its_slot(vlm):
+    model = Instrumented(vlm.model, delay=0.005)   # 2000 tokens would take 10 s
+    with serve(vlm, model, max_batch=1, max_queue=0) as url:
+        for stream in (True, False):
+            with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=0.3)) as client:
+                long = body("Hi", max_tokens=2000, stream=stream)
+                if stream:
+                    with client.stream("POST", "/v1/chat/completions", json=long) as response:
+                        next(response.iter_lines())
+                else:
+                    with pytest.raises(httpx.ReadTimeout):
+                        client.post("/v1/chat/completions", json=long)
+            deadline = time.monotonic() + 3
+            while (response := httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=3))).status_code == 429:
+                assert time.monotonic() < deadline, "the disconnected request kept its slot"
+                time.sleep(0.02)
+            assert response.status_code == 200
+            assert httpx.get(url + "/health").json()["running"] == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after(vlm):
+    model = Instrumented(vlm.model, delay=0.005)
+    with serve(vlm, model, max_batch=1, max_queue=0) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            with client.stream("POST", "/v1/chat/completions", json=body("Hi", max_tokens=400, stream=True)) as first:
+                lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                assert first.status_code == 200 and next(lines).startswith("data: ")
+                refused = client.post("/v1/chat/completions", json=body("Hi", max_tokens=3))
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_the_time_limit_over_http(vlm):
+    model = Instrumented(vlm.model, delay=0.005)
+    with serve(vlm, model, timeout_s=0.3) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=1000), timeout=30)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body("Hi", max_tokens=1000, stream=True)) as r:
+            lines = [line for line in r.iter_lines() if line]
+    assert plain.status_code == 504 and plain.json()["error"]["code"] == "timeout"
+    assert '"code": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+
+
+def test_a_model_failure_is_a_generic_500_logged_with_the_request_id(vlm, caplog):
+    with serve(vlm, Instrumented(vlm.model, fail_at_call=2)) as url:
+        with caplog.at_level(logging.ERROR, "cogvlm.serve"):
+            response = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=5))
+    assert response.status_code == 500
+    assert response.json() == {"error": {"message": "internal error while generating the answer",
+                                         "type": "server_error", "param": None, "code": None}}
+    assert response.headers["x-request-id"] in caplog.text
+
+
+def test_503_while_loading(vlm):
+    release = threading.Event()
+
+    def loader():
+        release.wait(10)
+        return vlm
+
+    with running(create_app(loader, ServeSettings(model_names=("tiny",)))) as url:
+        health = httpx.get(url + "/health")
+        busy = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=2))
+        release.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ready = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=2))
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_loading"
+    assert ready.status_code == 200
