@@ -26,6 +26,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPUs, fp32 on CPU)")
+    from .dispatch import add_deploy_flags
+
+    add_deploy_flags(p)
 
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
@@ -49,9 +52,10 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    from .dispatch import deploy_kwargs
     from .pipeline import load
 
-    return load(args.model, args.tokenizer, device=args.device, dtype=args.dtype, progress=True)
+    return load(args.model, args.tokenizer, dtype=args.dtype, progress=True, **deploy_kwargs(args))
 
 
 def _answer_record(image: str, query: str, result: Any, seconds: float) -> dict[str, Any]:
@@ -132,11 +136,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return interactive_chat(_load(args), args.image, args.template, _gen_kwargs(args))
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
+    if any(arg.startswith("-") for arg in rest):  # placement flags (or --help): the plan
+        from .dispatch import cli_info_plan
+
+        return cli_info_plan(rest)
     from .info import describe
 
-    print(describe(args.target))
+    if len(rest) != 1 or rest[0].startswith("-"):
+        raise CogVLMError("usage: cogvlm info FOLDER_OR_PRESET [--device-map auto --max-memory 0=24GiB,...]")
+    print(describe(rest[0]))
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace, rest: list[str]) -> int:
+    from .quantize import cli_quantize
+
+    return cli_quantize(rest)
 
 
 def cmd_export_llm(args: argparse.Namespace) -> int:
@@ -217,9 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", help="X0,Y0,X1,Y1 in pixels of IMAGE")
     p.add_argument("--draw", metavar="OUT.png")
     p.add_argument("--json", action="store_true")
-    p = add("info", cmd_info, "architecture, parameter count and weight memory of a folder or preset",
-            model=False, gen=False)
-    p.add_argument("target", metavar="FOLDER_OR_PRESET")
+    p = sub.add_parser("info", add_help=False,
+                       help="architecture, parameters and weight memory of a folder or preset; with "
+                            "--device-map / --max-memory / --quantize, the placement plan")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("quantize", add_help=False,
+                       help="save a quantised checkpoint: cogvlm quantize FOLDER OUT --method int8")
+    p.set_defaults(func=cmd_quantize)
     p = add("export-llm", cmd_export_llm, "write the language expert as a LLaMA checkpoint folder",
             model=False, gen=False)
     p.add_argument("folder")
@@ -262,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    delegated = argv[:1] in (["train"], ["eval"], ["serve"])  # these parse their own flags
+    delegated = argv[:1] in (["train"], ["eval"], ["serve"], ["info"], ["quantize"])  # own flags
     args, rest = (parser.parse_args(argv[:1]), argv[1:]) if delegated else (parser.parse_args(argv), [])
     try:
         return args.func(args, rest) if delegated else args.func(args)

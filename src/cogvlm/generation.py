@@ -15,6 +15,7 @@ import torch
 
 from .config import LANGUAGE_TOKEN_TYPE
 from .errors import SettingsError
+from .model.cogvlm import execution_device
 from .model.positions import build_position_ids
 
 
@@ -46,17 +47,25 @@ class GenerationConfig:
 
 
 class KVCache:
-    """Per-layer (keys, values), each (B, H, S_max, K), in the model's dtype and device."""
+    """Per-layer (keys, values), each (B, H, S_max, K), in the model's dtype and device.
+
+    Each layer's cache lives on that layer's execution device (device maps, offloaded layers).
+    The model gets this object, not its list: accelerate's device hooks copy lists of tensors
+    to their device, which would send the writes to a copy; an object they leave alone.
+    """
 
     def __init__(self, model: Any, batch: int, max_len: int) -> None:
         cfg = model.config
         shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        dtype = model.model.embed_tokens.weight.dtype  # quantised weights do not carry the compute dtype
         self.layers = []
-        for layer in model.model.layers:  # each on its own layer's device (device maps)
-            w = layer.self_attn.language_expert_dense.weight
-            dtype = w.dtype if w.is_floating_point() else model.model.embed_tokens.weight.dtype
-            self.layers.append((torch.zeros(shape, dtype=dtype, device=w.device),
-                                torch.zeros(shape, dtype=dtype, device=w.device)))
+        for layer in model.model.layers:
+            device = execution_device(layer.input_layernorm)
+            self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device)))
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch)."""
@@ -68,7 +77,7 @@ def prefill(model: Any, batch: dict[str, Any], cache: KVCache) -> tuple[torch.Te
     position_ids = build_position_ids(batch["token_type_ids"], batch["attention_mask"])
     out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                 attention_mask=batch["attention_mask"], images=batch.get("images"),
-                position_ids=position_ids, kv_cache=cache.layers, cache_start=0, logits_to_keep=1)
+                position_ids=position_ids, kv_cache=cache, cache_start=0, logits_to_keep=1)
     return out.logits[:, -1], position_ids
 
 
@@ -77,7 +86,7 @@ def decode_one_token(model: Any, tokens: torch.Tensor, positions: torch.Tensor,
     """One language-typed token per row at `cache_start`; returns logits (B, V)."""
     out = model(input_ids=tokens[:, None], token_type_ids=torch.full_like(tokens[:, None], LANGUAGE_TOKEN_TYPE),
                 attention_mask=attention_mask, position_ids=positions[:, None],
-                kv_cache=cache.layers, cache_start=cache_start)
+                kv_cache=cache, cache_start=cache_start)
     return out.logits[:, -1]
 
 

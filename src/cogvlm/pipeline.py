@@ -153,13 +153,14 @@ class Pipeline:
 
 def load(model: str | Path | None = None, tokenizer: str | Path | Any | None = None,
          device: str | torch.device | None = "auto", dtype: torch.dtype | str | None = None,
-         progress: bool = False) -> Pipeline:
-    """Load a model folder (default: the shipped tiny model) and its tokenizer into a Pipeline."""
+         progress: bool = False, **placement: Any) -> Pipeline:
+    """Load a model folder (default: the shipped tiny model) and its tokenizer into a Pipeline.
+    `placement`: load_model's device_map, max_memory, offload_folder, quantize, quantize_vision."""
     folder = Path(model) if model is not None else DEFAULT_MODEL
     if model is None and not (folder / "config.json").is_file():
         raise CheckpointError("the default model is not in this installation; pass a model folder")
     where = pick_device(device)
-    net = load_model(folder, dtype=pick_dtype(where, dtype), device=where, progress=progress)
+    net = load_model(folder, dtype=pick_dtype(where, dtype), device=where, progress=progress, **placement)
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer or folder)
     return Pipeline(net, tokenizer)

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -69,28 +69,35 @@ def weight_files(folder: Path) -> list[Path]:
 _SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def iter_tensors(path: Path, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: Path, device: torch.device | Callable[[str], torch.device], dtype: torch.dtype | None,
+                 mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one weight file, floating tensors cast to `dtype` on `device`.
 
     When the file already holds `dtype` and the target is the CPU, tensors stay views of the
     memory map (zero copy: pages are read when first used). Otherwise each tensor is read with
     pread, converted, and its buffer freed, so a conversion never keeps the whole file resident.
+    `device` may be a function of the tensor name (device maps; 'meta' for disk-offloaded ones),
+    `dtype` None keeps the stored dtypes, and `mmap=False` reads safetensors with pread (quantisation: a
+    full-precision tensor is freed once quantised instead of staying resident as mapped pages).
     """
+    place = device if callable(device) else (lambda name: device)
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+                names = list(f.keys())
+                stored = {f.get_slice(k).get_dtype() for k in names}
             floats = stored & {"F64", "F32", "BF16", "F16"}
-            zero_copy = device.type == "cpu" and floats <= {_SAFE_DTYPES.get(dtype)}
+            zero_copy = (mmap and all(place(k).type in ("cpu", "meta") for k in names)
+                         and floats <= {_SAFE_DTYPES.get(dtype)})
             with safe_open(str(path), framework="pt", backend="mmap" if zero_copy else "pread") as f:
-                for name in f.keys():
-                    yield name, _cast(f.get_tensor(name), device, dtype)
+                for name in names:
+                    yield name, _cast(f.get_tensor(name), place(name), dtype)
         else:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: not a state dict")
             for name, tensor in state.items():
-                yield name, _cast(tensor, device, dtype)
+                yield name, _cast(tensor, place(name), dtype)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors / pickle errors carry no file name; add it
@@ -98,7 +105,7 @@ def iter_tensors(path: Path, device: torch.device, dtype: torch.dtype) -> Iterat
         raise CheckpointError(f"{path}: corrupt or truncated weight file ({reason})") from None
 
 
-def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
@@ -126,13 +133,19 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
 
 def load_model(folder: str | Path, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, *, progress: bool = False,
-               low_cpu_mem_usage: bool = True, trust_remote_code: bool = True) -> "CogVLMForCausalLM":
+               low_cpu_mem_usage: bool = True, trust_remote_code: bool = True,
+               device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+               offload_folder: str | Path | None = None, quantize: str | None = None,
+               quantize_vision: bool = False) -> "CogVLMForCausalLM":
     """Build on the meta device, then fill every tensor straight from the memory-mapped files.
 
     `dtype` None keeps float32 (as transformers does); 'auto' uses config.json's torch_dtype.
     `progress` shows a bar (stderr) over the tensors read.
     The official call's `low_cpu_mem_usage` and `trust_remote_code` are accepted and have no
     effect: loading is always lean and there is no remote code.
+    `device_map` ('auto', 'balanced', 'sequential' or a dict; replaces `device`), `max_memory`,
+    `offload_folder`, `quantize` ('int8', 'int4', 'nf4') and `quantize_vision`: see
+    `cogvlm.dispatch.load_placed`; a folder written by `cogvlm quantize` is detected by itself.
     """
     from .model.cogvlm import CogVLMForCausalLM
     from .model.decoder import rotary_inv_freq
@@ -142,6 +155,15 @@ def load_model(folder: str | Path, dtype: torch.dtype | str | None = None,
         raise CheckpointError(f"{folder}: not a model folder")
     config = CogVLMConfig.from_json(folder / "config.json")
     dtype = resolve_dtype(dtype, config)
+    # ---- device maps and quantisation live in cogvlm.dispatch / cogvlm.quantize --------------
+    from .quantize import read_quantization
+
+    if device_map is not None or quantize is not None or read_quantization(folder) is not None:
+        from .dispatch import load_placed
+        return load_placed(folder, config, dtype, device, device_map=device_map, max_memory=max_memory,
+                           offload_folder=offload_folder, quantize=quantize,
+                           quantize_vision=quantize_vision, progress=progress)
+    # ------------------------------------------------------------------------------------------
     device = torch.device(device or "cpu")
     files = weight_files(folder)
     with torch.device("meta"):
@@ -192,8 +214,11 @@ def write_json(path: Path, data: Any) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write safetensors shards (+ index when more than one) the way transformers names them."""
+def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors shards (+ index when more than one) the way transformers names them;
+    `metadata` goes into every shard's header (quantised checkpoints describe their tensors there)."""
+    metadata = {"format": "pt", **(metadata or {})}
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -208,12 +233,12 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
         _atomic_write(folder / "model.safetensors",
-                      lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+                      lambda tmp: save_file(shards[0], tmp, metadata=metadata))
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(folder / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        _atomic_write(folder / name, lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

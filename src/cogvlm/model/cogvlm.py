@@ -11,9 +11,10 @@ What is special, in five lines:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,31 @@ Images = Sequence[Sequence[torch.Tensor]] | torch.Tensor | None
 class CausalLMOutput:
     logits: torch.Tensor            # (B, T, V) fp32
     loss: torch.Tensor | None = None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its weight's, or, when accelerate offloaded the weight
+    (left on 'meta'), the execution device of the hook that brings it back for each call."""
+    weight = next(module.parameters())
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # one hook, or accelerate's SequentialHook
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    raise RuntimeError(f"{type(module).__name__} is on the meta device and has no execution device")
+
+
+@contextmanager
+def _onloaded(module: nn.Module) -> Iterator[None]:
+    """Bring an offloaded module's weights in for a block in which it is not called (accelerate)."""
+    if getattr(module, "_hf_hook", None) is None:
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield
 
 
 class CogVLMModel(nn.Module):
@@ -56,8 +82,10 @@ class CogVLMModel(nn.Module):
             images = torch.stack(flat)
         if images.shape[0] == 0:
             return None
-        weight = self.vision.patch_embedding.proj.weight
-        return self.vision(images.to(device=weight.device, dtype=weight.dtype))
+        patches = self.vision.patch_embedding
+        images = images.to(device=execution_device(patches.proj), dtype=patches.proj.weight.dtype)
+        with _onloaded(patches.position_embedding):  # its weight is read, the module never called
+            return self.vision(images)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, images: Images = None,
@@ -72,7 +100,8 @@ class CogVLMModel(nn.Module):
             raise ValueError(f"{n_image_tokens} image-typed tokens but {n_features} image features "
                              "(each image needs config.image_tokens placeholders)")
         if features is not None:
-            x = x.index_put((is_image,), features.reshape(-1, x.shape[-1]).to(x.dtype))  # row-major
+            x = x.index_put((is_image.to(x.device),),  # row-major; the tower may sit on another device
+                            features.reshape(-1, x.shape[-1]).to(x.device, x.dtype))
         vision_mask = vision_expert_mask(token_type_ids)
         attn_mask, is_causal = attention_mask_4d(attention_mask, x.shape[1], cache_start, x.device)
         for i, layer in enumerate(self.layers):
@@ -119,7 +148,8 @@ class CogVLMForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where inputs go: the token embedding's device (under a device map, its execution device)."""
+        return execution_device(self.model.embed_tokens)
 
     @property
     def dtype(self) -> torch.dtype:
