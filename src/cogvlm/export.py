@@ -12,7 +12,8 @@ import torch
 
 from .config import CogVLMConfig
 from .tokenizer import copy_tokenizer_files
-from .weights import load_model, save_state_dict, write_json
+from .fileio import write_json
+from .weights import load_model, save_state_dict
 
 def llama_config(config: CogVLMConfig, dtype: torch.dtype) -> dict:
     """transformers' LlamaConfig fields for the language expert."""

@@ -32,7 +32,8 @@ from torch import nn
 
 from .config import CogVLMConfig
 from .errors import CheckpointError, SettingsError
-from .weights import BIN_INDEX, SAFE_INDEX, iter_tensors, resolve_dtype, save_state_dict, write_json
+from .fileio import write_json
+from .weights import BIN_INDEX, SAFE_INDEX, iter_tensors, resolve_dtype, save_state_dict
 
 METHODS = ("int8", "int4", "nf4")
 #: Approximate bytes per quantised weight, scales included (memory estimates and planning).

@@ -12,10 +12,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import grounding
+from .fileio import atomic_write_bytes
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -412,18 +411,6 @@ def corpus(seed: int, n: int) -> Iterator[str]:
             yield answer
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
                   tasks: Sequence[str] | None = None, easy: bool = False, per_scene: int = 3) -> Path:
     """Write ``images/NNNNNN.png``, ``data.jsonl`` (records) and ``scenes.jsonl`` (ground truth).
@@ -437,10 +424,10 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
     for path, scene, records in iter_scenes(seed, n, size, tasks, easy, per_scene):
         buf = io.BytesIO()
         scene.render().save(buf, format="PNG")
-        _atomic_write(out / path, buf.getvalue())
+        atomic_write_bytes(out / path, buf.getvalue())
         data_lines += [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records]
         scene_lines.append(json.dumps({"image": path, **scene_to_dict(scene)}, sort_keys=True) + "\n")
-    _atomic_write(out / "scenes.jsonl", "".join(scene_lines).encode("utf-8"))
-    _atomic_write(out / "data.jsonl", "".join(data_lines).encode("utf-8"))
+    atomic_write_bytes(out / "scenes.jsonl", "".join(scene_lines).encode("utf-8"))
+    atomic_write_bytes(out / "data.jsonl", "".join(data_lines).encode("utf-8"))
     return out / "data.jsonl"
 

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Iterable
 
-from .weights import write_json
+from .fileio import write_json
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512) -> Path:

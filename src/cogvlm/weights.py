@@ -9,9 +9,7 @@ missing, unexpected or mis-shaped tensor.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import CogVLMConfig
 from .errors import CheckpointError
+from .fileio import atomic_write, write_json
 
 if TYPE_CHECKING:
     from .model.cogvlm import CogVLMForCausalLM
@@ -198,22 +197,6 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) then rename into place, so a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
                     metadata: dict[str, str] | None = None) -> None:
     """Write safetensors shards (+ index when more than one) the way transformers names them;
@@ -232,13 +215,13 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     for stale in list(folder.glob("model*.safetensors")) + [folder / SAFE_INDEX]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        _atomic_write(folder / "model.safetensors",
+        atomic_write(folder / "model.safetensors",
                       lambda tmp: save_file(shards[0], tmp, metadata=metadata))
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(folder / name, lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
+        atomic_write(folder / name, lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

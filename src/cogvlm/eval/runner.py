@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +26,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from ..errors import CogVLMError
+from ..fileio import atomic_write_text
 from .tasks import DOCS, Item, Task
 
 
@@ -137,19 +136,6 @@ def evaluate(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: 
 
 
 # ----------------------------------------------------------------------------- files
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
@@ -175,7 +161,7 @@ class PredictionLog:
                 self._check(records[0].get("settings", {}))
                 rows = {r["id"]: r for r in records[1:] if "id" in r and "raw" in r}
         lines = [_json_line({"settings": self.settings})] + [_json_line(r) for r in rows.values()]
-        atomic_write(self.path, "".join(lines))
+        atomic_write_text(self.path, "".join(lines))
         return {k: r["raw"] for k, r in rows.items()}
 
     def _check(self, logged: dict[str, Any]) -> None:
@@ -217,12 +203,12 @@ def run(task: Task, items: Sequence[Item], pipeline: Answerer | Callable[[], Ans
     result["counts"]["skipped_missing_images"] = skipped
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["paper"] = [vars(p) for p in task.paper]
-    atomic_write(out / f"{stem}.results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / f"{stem}.results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if task.submission is not None:
         answers = [task.clean(raw[i.id]) for i in items]
-        atomic_write(out / f"{stem}.submission.json", json.dumps(task.submission(items, answers)) + "\n")
+        atomic_write_text(out / f"{stem}.submission.json", json.dumps(task.submission(items, answers)) + "\n")
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*.results.json"))]
-    atomic_write(out / "summary.md", summary_table(results))
+    atomic_write_text(out / "summary.md", summary_table(results))
     return result
 
 
