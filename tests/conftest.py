@@ -43,3 +43,12 @@ def reference_tokenizer():
     from cogvlm import load_tokenizer
 
     return load_tokenizer(REFERENCE)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: threads only add contention on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from cogvlm.errors import CogVLMError
@@ -158,14 +157,6 @@ def test_summary_puts_the_papers_numbers_beside_ours():
 
 
 # ----------------------------------------------------------------------------- the command
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_cli_runs_a_task_on_the_reference_model(gqa_dir, tmp_path, reference_dir, capsys, one_thread):
     out = tmp_path / "out"
     argv = ["gqa", "--data", str(gqa_dir), "--model", str(reference_dir), "--device", "cpu", "--limit", "3",

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from cogvlm.errors import CogVLMError
@@ -355,15 +354,6 @@ def test_shapes_perfect_oracle_scores_one_and_shuffled_images_bring_it_down():
     shuffled = evaluate_shapes(oracle, n=30, seed=11, shuffle=True, batch_size=16)
     assert shuffled["per_type"]["color"] < 0.5 and shuffled["per_type"]["shape"] < 0.5
     assert shuffled["counts"]["per_type"] == {t: 30 for t in SHAPE_TYPES}
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: threads only add contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_shapes_end_to_end_on_the_reference_model(reference_dir, one_thread):
