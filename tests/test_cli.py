@@ -76,6 +76,16 @@ def test_info_command():
     assert proc.returncode == 0 and "17.640 B" in proc.stdout
 
 
+def test_data_synth_writes_multi_turn_records(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "3", "--size", "64",
+                 "--per-scene", "2", "--turns", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "data.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all((tmp_path / r["image"]).is_file() for r in records)
+    turns = [len(r["conversations"]) // 2 for r in records]
+    assert max(turns) == 3 and all(t == 1 for r, t in zip(records, turns) if r["template_version"] != "vqa")
+
+
 def test_interactive_chat_keeps_history_and_clears(reference_dir):
     class Recorder:
         def __init__(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -235,6 +236,54 @@ def test_records_respect_task_list():
         assert len(records) == 2
     with pytest.raises(ValueError):
         S.make_records(_scenes(0, 1)[0], random.Random(0), "x.png", tasks=["nope"])
+
+
+def _task_of(question: str) -> str:
+    """The task type whose phrasing a question uses (relations and counts under one name)."""
+    for key, phrases in S._PHRASES.items():
+        for phrase in phrases:
+            pattern = re.escape(phrase)
+            for slot in ("k", "c", "o", "a", "b"):
+                pattern = pattern.replace(re.escape("{" + slot + "}"), ".+")
+            if re.fullmatch(pattern, question):
+                return {"left": "relation", "right": "relation", "above": "relation",
+                        "below": "relation"}.get(key, key.split("_")[0] if key != "ground_caption" else key)
+    raise AssertionError(f"no phrasing matches {question!r}")
+
+
+def test_heldout_records_unchanged_by_multi_turn_option():
+    """turns=1 draws exactly what releases before the option drew: held-out scores stay comparable."""
+    records = [r for _, _, rs in S.iter_scenes(999_999, 60, per_scene=len(S.TASKS)) for r in rs]
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    assert digest == "79d6c083717c29b6929217613497a9c711fce3fcbaca039028288635a53707cf"
+
+
+def test_multi_turn_records_ask_distinct_correct_questions():
+    lengths = Counter()
+    plain = [scene for _, scene, _ in S.iter_scenes(21, 150, per_scene=4)]
+    for (path, scene, records), same in zip(S.iter_scenes(21, 150, per_scene=4, turns=6), plain):
+        assert scene == same  # the scene does not depend on the number of turns
+        for rec in records:
+            conv = rec["conversations"]
+            assert [t["role"] for t in conv] == ["user", "assistant"] * (len(conv) // 2)
+            questions = [t["content"] for t in conv[::2]]
+            assert len(set(questions)) == len(questions) <= 6
+            if rec["template_version"] != "vqa":
+                assert len(conv) == 2
+            for k, (q, a) in enumerate(zip(conv[::2], conv[1::2])):
+                task = rec["task"] if k == 0 else _task_of(q["content"])
+                assert k == 0 or S.TEMPLATE_OF_TASK[task] == "vqa"
+                _check_answer(scene, {"conversations": [q, a], "task": task,
+                                      "template_version": S.TEMPLATE_OF_TASK[task]})
+            lengths[(rec["template_version"], len(conv) // 2)] += 1
+    vqa = {n: c for (t, n), c in lengths.items() if t == "vqa"}
+    assert vqa.get(6, 0) > 0.9 * sum(vqa.values())
+
+
+def test_a_task_named_twice_is_drawn_twice_as_often():
+    tasks = Counter(r["task"] for _, _, rs in S.iter_scenes(9, 600, tasks=["caption", "caption", "ground"],
+                                                            per_scene=1) for r in rs)
+    assert 1.6 <= tasks["caption"] / tasks["ground"] <= 2.5
 
 
 def test_format_box_and_caption_parser():

@@ -158,15 +158,28 @@ def test_sft311k_layout(tmp_path, caplog):
         f"{tmp_path / 'labels' / 'b.json'}:2", str(tmp_path / "labels" / "c.json"), str(tmp_path / "labels" / "d.json")]
 
 
-def test_synthetic_source_is_iter_samples_by_index():
-    source = data.SyntheticSource(seed=5, size=28, per_scene=2)
-    expected = list(synthetic.iter_samples(5, 3, size=28, per_scene=2))
+@pytest.mark.parametrize("turns", [1, 3])
+def test_synthetic_source_is_iter_samples_by_index(turns):
+    source = data.SyntheticSource(seed=5, size=28, per_scene=2, turns=turns)
+    expected = list(synthetic.iter_samples(5, 3, size=28, per_scene=2, turns=turns))
     assert len(expected) == 6  # every scene gave its 2 records, so index i is the i-th sample
     for i, (image, record) in enumerate(expected):
         conv = source[i]
-        turns = [m["content"] for m in record["conversations"]]
-        assert conv.turns == ((turns[0], turns[1]),) and conv.template_version == record["template_version"]
+        texts = [m["content"] for m in record["conversations"]]
+        assert conv.turns == tuple(zip(texts[::2], texts[1::2]))
+        assert conv.template_version == record["template_version"]
         assert conv.image.tobytes() == image.tobytes()
+    assert max(len(source[i].turns) for i in range(6)) == turns
+
+
+def test_multi_turn_synthetic_example_labels_every_answer(reference_tokenizer):
+    conv = next(c for c in (data.SyntheticSource(seed=2, size=28, per_scene=4, turns=4)[i] for i in range(40))
+                if len(c.turns) == 4)
+    tokenizer = reference_tokenizer
+    example = data.build_example(conv, tokenizer, TINY, 2048)
+    ids = [t for t in example["labels"].tolist() if t != data.IGNORE_INDEX]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert [a for _, a in conv.turns] == tokenizer.decode(ids[:-1]).split()
 
 
 def test_micro_batches_do_not_depend_on_the_process_count():

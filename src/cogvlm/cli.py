@@ -191,7 +191,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from .synthetic import write_dataset
 
-    print(write_dataset(args.out, n=args.n, seed=args.seed, size=args.size, easy=args.easy))
+    print(write_dataset(args.out, n=args.n, seed=args.seed, size=args.size, easy=args.easy,
+                        per_scene=args.per_scene, turns=args.turns))
     return 0
 
 
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--easy", action="store_true", help="1-2 large shapes on white")
+    p.add_argument("--per-scene", type=int, default=3, help="records per scene")
+    p.add_argument("--turns", type=int, default=1, help="questions per vqa conversation")
     p = data.add_parser("tokenizer", help="train a SentencePiece tokenizer on the synthetic texts")
     p.set_defaults(func=cmd_data_tokenizer)
     p.add_argument("--out", required=True)

@@ -348,10 +348,32 @@ def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
+def _more_turns(scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str],
+                turns: int) -> list[tuple[str, str]]:
+    """`first` followed by up to ``turns - 1`` further vqa-template questions of random types
+    from ``pool`` about the same scene, no question asked twice."""
+    vqa = [t for t in pool if TEMPLATE_OF_TASK[t] == "vqa"]
+    out, asked = [first], {first[0]}
+    for _ in range(4 * (turns - 1)):  # a few spare draws replace repeats and unsupported types
+        if len(out) == turns:
+            break
+        qa = _qa(scene, rng.choice(vqa), rng)
+        if qa is not None and qa[0] not in asked:
+            out.append(qa)
+            asked.add(qa[0])
+    return out
+
+
 def make_records(scene: Scene, rng: random.Random, image_path: str,
-                 tasks: Sequence[str] | None = None, per_scene: int = 3) -> list[dict]:
-    """Up to ``per_scene`` single-turn records for one scene, each of a different task type
-    (types repeat only when ``per_scene`` exceeds the number of requested tasks)."""
+                 tasks: Sequence[str] | None = None, per_scene: int = 3, turns: int = 1) -> list[dict]:
+    """Up to ``per_scene`` records for one scene, each of a different task type (types repeat
+    only when ``per_scene`` exceeds the number of requested tasks, or where ``tasks`` names a type
+    more than once: repetition is how a mix weights a type).
+
+    With ``turns`` > 1 a vqa record is a conversation of up to ``turns`` questions about its
+    scene: one sequence then trains several answers for one image (the base template ignores
+    history and the chat captions stay single-turn, so their records keep one turn). With
+    ``turns`` == 1 the random draws, and so the records, are those of earlier releases."""
     pool = list(tasks) if tasks is not None else list(TASKS)
     for t in pool:
         if t not in TASKS:
@@ -366,9 +388,10 @@ def make_records(scene: Scene, rng: random.Random, image_path: str,
         qa = _qa(scene, task, rng)
         if qa is None:
             continue
+        qas = _more_turns(scene, rng, pool, qa, turns) if turns > 1 and TEMPLATE_OF_TASK[task] == "vqa" else [qa]
         records.append({"image": image_path,
-                        "conversations": [{"role": "user", "content": qa[0]},
-                                          {"role": "assistant", "content": qa[1]}],
+                        "conversations": [{"role": role, "content": text}
+                                          for q, a in qas for role, text in (("user", q), ("assistant", a))],
                         "template_version": TEMPLATE_OF_TASK[task], "task": task})
     return records
 
@@ -379,22 +402,22 @@ def _scene_rng(seed: int, index: int) -> random.Random:
 
 
 def iter_scenes(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None = None,
-                easy: bool = False, per_scene: int = 3) -> Iterator[tuple[str, Scene, list[dict]]]:
+                easy: bool = False, per_scene: int = 3, turns: int = 1) -> Iterator[tuple[str, Scene, list[dict]]]:
     """Yield (image path, scene, records) for scenes 0..n-1; scene i depends only on (seed, i)."""
     for i in range(n):
         rng = _scene_rng(seed, i)
         scene = make_scene(rng, size, easy=easy)
         path = f"images/{i:06d}.png"
-        yield path, scene, make_records(scene, rng, path, tasks, per_scene)
+        yield path, scene, make_records(scene, rng, path, tasks, per_scene, turns)
 
 
 def iter_samples(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None = None,
-                 easy: bool = False, per_scene: int = 3) -> Iterator[tuple[Image.Image, dict]]:
+                 easy: bool = False, per_scene: int = 3, turns: int = 1) -> Iterator[tuple[Image.Image, dict]]:
     """In-memory (image, record) pairs for on-the-fly training and evaluation.
 
     Records of one scene share one PIL image object; copy it before mutating.
     """
-    for _, scene, records in iter_scenes(seed, n, size, tasks, easy, per_scene):
+    for _, scene, records in iter_scenes(seed, n, size, tasks, easy, per_scene, turns):
         image = scene.render()
         for record in records:
             yield image, record
@@ -412,7 +435,8 @@ def corpus(seed: int, n: int) -> Iterator[str]:
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
-                  tasks: Sequence[str] | None = None, easy: bool = False, per_scene: int = 3) -> Path:
+                  tasks: Sequence[str] | None = None, easy: bool = False, per_scene: int = 3,
+                  turns: int = 1) -> Path:
     """Write ``images/NNNNNN.png``, ``data.jsonl`` (records) and ``scenes.jsonl`` (ground truth).
 
     Every file is written atomically; the same arguments give byte-identical output.
@@ -421,7 +445,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     data_lines, scene_lines = [], []
-    for path, scene, records in iter_scenes(seed, n, size, tasks, easy, per_scene):
+    for path, scene, records in iter_scenes(seed, n, size, tasks, easy, per_scene, turns):
         buf = io.BytesIO()
         scene.render().save(buf, format="PNG")
         atomic_write_bytes(out / path, buf.getvalue())

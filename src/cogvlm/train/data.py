@@ -194,8 +194,8 @@ class SyntheticSource:
     """
 
     def __init__(self, seed: int, size: int, tasks: Sequence[str] | None = None, easy: bool = False,
-                 per_scene: int = 3, template_version: str | None = None) -> None:
-        self.seed, self.size, self.tasks = seed, size, tasks
+                 per_scene: int = 3, turns: int = 1, template_version: str | None = None) -> None:
+        self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -204,7 +204,8 @@ class SyntheticSource:
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
             scene = synthetic.make_scene(rng, self.size, easy=self.easy)
-            records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene)
+            records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene,
+                                             self.turns)
             self._last = (k, scene.render(), records)
         return self._last[1], self._last[2]
 
