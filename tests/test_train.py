@@ -175,11 +175,10 @@ def test_synthetic_source_is_iter_samples_by_index(turns):
 def test_multi_turn_synthetic_example_labels_every_answer(reference_tokenizer):
     conv = next(c for c in (data.SyntheticSource(seed=2, size=28, per_scene=4, turns=4)[i] for i in range(40))
                 if len(c.turns) == 4)
-    tokenizer = reference_tokenizer
-    example = data.build_example(conv, tokenizer, TINY, 2048)
+    example = data.build_example(conv, reference_tokenizer, TINY, 2048)
     ids = [t for t in example["labels"].tolist() if t != data.IGNORE_INDEX]
-    assert ids[-1] == tokenizer.eos_token_id
-    assert [a for _, a in conv.turns] == tokenizer.decode(ids[:-1]).split()
+    assert ids[-1] == reference_tokenizer.eos_token_id
+    assert [a for _, a in conv.turns] == reference_tokenizer.decode(ids[:-1]).split()
 
 
 def test_micro_batches_do_not_depend_on_the_process_count():

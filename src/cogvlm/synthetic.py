@@ -351,7 +351,7 @@ def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
 def _more_turns(scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str],
                 turns: int) -> list[tuple[str, str]]:
     """`first` followed by up to ``turns - 1`` further vqa-template questions of random types
-    from ``pool`` about the same scene, no question asked twice."""
+    from ``pool`` about the same scene, no question asked twice; with turns == 1 it draws nothing."""
     vqa = [t for t in pool if TEMPLATE_OF_TASK[t] == "vqa"]
     out, asked = [first], {first[0]}
     for _ in range(4 * (turns - 1)):  # a few spare draws replace repeats and unsupported types
@@ -388,7 +388,7 @@ def make_records(scene: Scene, rng: random.Random, image_path: str,
         qa = _qa(scene, task, rng)
         if qa is None:
             continue
-        qas = _more_turns(scene, rng, pool, qa, turns) if turns > 1 and TEMPLATE_OF_TASK[task] == "vqa" else [qa]
+        qas = _more_turns(scene, rng, pool, qa, turns) if TEMPLATE_OF_TASK[task] == "vqa" else [qa]
         records.append({"image": image_path,
                         "conversations": [{"role": role, "content": text}
                                           for q, a in qas for role, text in (("user", q), ("assistant", a))],
