@@ -13,6 +13,10 @@ Model and mode
   mode                     from_scratch | expert | lora (see `cogvlm.train.modes`). Weights are
                            initialised with `CogVLMForCausalLM.init_weights` exactly when no `model` is given.
   train_vit                expert: train the ViT too (default false)
+  objective                lm (default): next-token loss on the assistant tokens | patches: only the
+                           ViT trains, each patch predicting the kind, colour and box of the
+                           synthetic shape under it through a throwaway head (`cogvlm.train.patches`;
+                           synthetic data only, mode from_scratch); a pretraining stage for the ViT
   copy_language_to_vision  expert: start the vision experts as copies of the language experts
                            (CogVLM's recipe, default true; set false to fine-tune a trained CogVLM)
   lora_r, lora_alpha, lora_dropout, lora_targets   lora: rank, scale, dropout, module names
@@ -63,6 +67,7 @@ import yaml
 from ..errors import CogVLMError
 
 MODES = ("from_scratch", "expert", "lora")
+OBJECTIVES = ("lm", "patches")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEFAULT_LORA_TARGETS = ("vision_expert_query_key_value", "vision_expert_dense",
                         "vision_mlp.gate_proj", "vision_mlp.up_proj", "vision_mlp.down_proj")
@@ -82,6 +87,7 @@ class TrainConfig:
     model_dtype: str = "float32"
     tokenizer: str | None = None
     mode: str = "from_scratch"
+    objective: str = "lm"
     train_vit: bool = False
     copy_language_to_vision: bool = True
     lora_r: int = 8
@@ -152,6 +158,10 @@ def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.mode not in MODES:
         problems.append(f"mode '{cfg.mode}' (use {', '.join(MODES)})")
+    if cfg.objective not in OBJECTIVES:
+        problems.append(f"objective '{cfg.objective}' (use {', '.join(OBJECTIVES)})")
+    if cfg.objective == "patches" and cfg.mode != "from_scratch":
+        problems.append("objective patches trains the ViT of a plain model: use mode from_scratch")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

@@ -290,6 +290,13 @@ def build_example(conv: Conversation, tokenizer: Any, config: CogVLMConfig, max_
     }
 
 
+def pick_source(seed: int, index: int, weights: Sequence[float]) -> int:
+    """Which source global item `index` comes from: a weighted draw that depends on (seed, index) only."""
+    if len(weights) == 1:
+        return 0
+    return random.Random(f"{seed}:mix:{index}").choices(range(len(weights)), weights)[0]
+
+
 class TrainDataset(Dataset):
     """Examples by global index over weighted sources; a bad record falls through to the next index."""
 
@@ -301,10 +308,7 @@ class TrainDataset(Dataset):
         self.tokenizer, self.config, self.max_length, self.seed = tokenizer, config, max_length, seed
 
     def conversation(self, index: int) -> Conversation:
-        if len(self.sources) == 1:
-            return self.sources[0][index]
-        pick = random.Random(f"{self.seed}:mix:{index}").choices(range(len(self.sources)), self.weights)[0]
-        return self.sources[pick][index]
+        return self.sources[pick_source(self.seed, index, self.weights)][index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for i in range(index, index + self.MAX_SKIPS):
@@ -362,5 +366,5 @@ class MicroBatchSampler(Sampler):
 
 
 __all__ = ["Conversation", "RecordError", "read_jsonl", "read_sft311k", "FiniteSource", "SyntheticSource",
-           "build_source", "build_example", "TrainDataset", "build_dataset", "collate",
+           "build_source", "build_example", "pick_source", "TrainDataset", "build_dataset", "collate",
            "MicroBatchSampler", "IGNORE_INDEX", "HELDOUT_SEED_OFFSET"]

@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` per process. The loss is the
 sum of token losses over the whole step (all micro-batches, all processes) divided by its
-number of target tokens, so W processes with batch B give the same update as one with B * W.
+number of target tokens, so W processes with batch B give the same update as one with B * W
+(objective `patches`, see `patches`: patch losses over the number of patches).
 Then, in order: evaluation (every `eval_every`; never touches the training RNG stream), one
 line in metrics.jsonl, a checkpoint (every `save_every`, and at the end). Outputs in output_dir:
 train_config.yaml, metrics.jsonl, loss.png, checkpoints/step-N (see `checkpoint`), and for LoRA
@@ -41,6 +42,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, register_hooks, reso
 from .config import TrainConfig, TrainError, load_config, save_config
 from .data import IGNORE_INDEX, MicroBatchSampler, build_dataset, collate
 from .modes import build_model, merge_lora, param_groups
+from .patches import PatchDataset, PatchProbe, patch_loss_sum, patch_model
 
 logger = logging.getLogger("cogvlm.train")
 
@@ -94,13 +96,31 @@ def loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a step minimises: `loss_sum` of each micro-batch, divided by the step's `targets`
+    (summed over micro-batches and processes); `tokens` is what tokens/s counts."""
+
+    loss_sum: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+    targets: Callable[[dict[str, Any]], int]
+    tokens: Callable[[dict[str, Any]], int]
+
+
+OBJECTIVES = {
+    "lm": Objective(loss_sum, lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
+                    lambda b: int(b["attention_mask"].sum())),
+    "patches": Objective(patch_loss_sum, lambda b: b["kind"].numel(), lambda b: b["kind"].numel()),
+}
+
+
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
-               micro_batches: Sequence[dict[str, Any]], max_grad_norm: float) -> dict[str, float]:
+               micro_batches: Sequence[dict[str, Any]], max_grad_norm: float,
+               objective: Objective = OBJECTIVES["lm"]) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns step-wide loss and counts."""
     device = accelerator.device
     micro_batches = [_to_device(b, device) for b in micro_batches]
-    local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches),
-                          sum(int(b["attention_mask"].sum()) for b in micro_batches)], device=device)
+    local = torch.tensor([sum(objective.targets(b) for b in micro_batches),
+                          sum(objective.tokens(b) for b in micro_batches)], device=device)
     targets, tokens = accelerator.reduce(local, "sum").tolist()
     # DDP averages over processes and accelerator.backward divides by grad_accum: undo both.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(targets, 1)
@@ -109,7 +129,7 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: Any, sched
     grad_norm = None
     for batch in micro_batches:
         with accelerator.accumulate(model):
-            loss = loss_sum(model, batch)
+            loss = objective.loss_sum(model, batch)
             accelerator.backward(loss * scale)
             total += loss.detach()
             if accelerator.sync_gradients and max_grad_norm > 0:
@@ -285,7 +305,14 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     set_seed(cfg.seed)
     model, model_config = build_model(cfg, accelerator, output_dir)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    dataset = build_dataset(cfg.data, tokenizer, model_config, cfg.max_length, cfg.seed)
+    patches = cfg.objective == "patches"
+    if patches:
+        model = patch_model(model)
+        dataset = PatchDataset(cfg.data, model_config, cfg.seed)
+        collate_fn = torch.utils.data.default_collate
+    else:
+        dataset = build_dataset(cfg.data, tokenizer, model_config, cfg.max_length, cfg.seed)
+        collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
@@ -293,7 +320,10 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: once per optimizer step
     register_hooks(accelerator)
 
-    if cfg.eval_every:
+    if cfg.eval_every and patches:  # the given evaluators ask the language model: not trained here
+        held_out = PatchDataset(cfg.eval_data or cfg.data, model_config, cfg.seed, heldout=cfg.eval_data is None)
+        evaluators = [PatchProbe(collate_fn([held_out[i] for i in range(cfg.eval_batch_size)]))]
+    elif cfg.eval_every:
         held_out = build_dataset(cfg.eval_data or cfg.data, tokenizer, model_config, cfg.max_length,
                                  cfg.seed, heldout=cfg.eval_data is None)
         eval_batch = collate([held_out[i] for i in range(cfg.eval_batch_size)], tokenizer.pad_token_id)
@@ -307,7 +337,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
 
     sampler = MicroBatchSampler(micro_step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                        collate_fn=collate_fn,
                         generator=torch.Generator())  # leaves the global RNG alone: exact resume
     log = MetricsLog(output_dir / "metrics.jsonl", step if resume_from is not None else None, enabled=main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
@@ -316,7 +346,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     while step < cfg.max_steps:
         tick = time.perf_counter()
         result = train_step(accelerator, model, optimizer, scheduler,
-                            [next(batches) for _ in range(cfg.grad_accum)], cfg.max_grad_norm)
+                            [next(batches) for _ in range(cfg.grad_accum)], cfg.max_grad_norm,
+                            OBJECTIVES[cfg.objective])
         step, micro_step = step + 1, micro_step + cfg.grad_accum
         elapsed = state["elapsed"] + time.perf_counter() - started
         record = {"step": step, "loss": result["loss"], "lr": cfg.lr * result["lr_scale"],
@@ -370,5 +401,5 @@ def cli_main(argv: list[str]) -> int:
         return 2
 
 
-__all__ = ["run", "cli_main", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic",
-           "lr_factor", "train_step", "loss_sum", "MetricsLog", "plot_metrics"]
+__all__ = ["run", "cli_main", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic", "Objective",
+           "OBJECTIVES", "lr_factor", "train_step", "loss_sum", "MetricsLog", "plot_metrics"]

@@ -36,12 +36,14 @@ PARTS: dict[str, tuple[str, ...]] = {
     "adapter": ("model.vision.linear_proj.*", "model.vision.boi", "model.vision.eoi"),
     "vit": ("model.vision.patch_embedding.*", "model.vision.transformer.*"),
 }
-_PEFT_PREFIX = "base_model.model."
+_WRAPPER_PREFIXES = ("base_model.model.", "cogvlm.")  # peft's; the patches objective's
 
 
 def official_name(name: str) -> str:
-    """A parameter name without peft's wrapper prefix, so patterns match in every mode."""
-    return name.removeprefix(_PEFT_PREFIX)
+    """A parameter name without a training wrapper's prefix, so patterns match in every mode."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -130,7 +132,10 @@ def load_weights(model: nn.Module, folder: Path) -> None:
             raise TrainError(f"{folder}: adapter does not match this model ({result.unexpected_keys[:3]})")
         return
     state = {name: tensor for path in weight_files(folder) for name, tensor in load_file(path).items()}
-    model.load_state_dict(state, strict=True)
+    if hasattr(model, "load_pretrained"):  # the patches objective's CogVLM + head
+        model.load_pretrained(folder, state)
+    else:
+        model.load_state_dict(state, strict=True)
 
 
 def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
