@@ -151,7 +151,11 @@ def patch_model(model: CogVLMForCausalLM) -> PatchPretraining:
 
 def patch_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Summed over patches: kind CE + (on shapes) colour CE + BOX_WEIGHT * mean box L1."""
-    kind, color, box = model(batch["pixels"])
+    return _loss_sum(model(batch["pixels"]), batch)
+
+
+def _loss_sum(outputs: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
+    kind, color, box = outputs
     shape = batch["kind"] > 0
     loss = F.cross_entropy(kind.flatten(0, 1), batch["kind"].flatten(), reduction="sum")
     loss = loss + F.cross_entropy(color.flatten(0, 1), batch["color"].flatten(), reduction="sum")
@@ -167,10 +171,11 @@ class PatchProbe:
 
     def __call__(self, ctx: Any) -> dict[str, float]:
         batch = {k: v.to(ctx.accelerator.device) for k, v in self.batch.items()}
-        kind, color, box = ctx.model(batch["pixels"])
+        outputs = ctx.model(batch["pixels"])
+        kind, color, box = outputs
         shape = batch["kind"] > 0
         return {
-            "eval_loss": float(patch_loss_sum(ctx.model, batch)) / batch["kind"].numel(),
+            "eval_loss": float(_loss_sum(outputs, batch)) / batch["kind"].numel(),
             "eval_patch_kind_acc": float((kind.argmax(-1) == batch["kind"])[shape].float().mean()),
             "eval_patch_color_acc": float((color.argmax(-1) == batch["color"])[shape].float().mean()),
             "eval_patch_background_acc": float((kind.argmax(-1) == 0)[~shape].float().mean()),
