@@ -1,5 +1,6 @@
-"""The `patches` objective: per-patch targets from the scene generator, ViT-only training,
-checkpoints that load as a plain CogVLM, exact resume, and a following language stage."""
+"""The `patches` objective: per-patch targets from the scene generator, training of only the
+vision side that the head reads, checkpoints that load as a plain CogVLM, exact resume, and a
+following language stage."""
 
 from __future__ import annotations
 
@@ -62,20 +63,28 @@ def test_only_synthetic_sources_are_accepted(tmp_path):
         run(config(tmp_path, data=[{"type": "synthetic", "per_scene": 3}]))
     with pytest.raises(TrainError, match="mode from_scratch"):
         run(config(tmp_path, mode="expert"))
+    with pytest.raises(TrainError, match="patch_features 'adapter' \\(use vit or image_tokens\\)"):
+        run(config(tmp_path, patch_features="adapter"))
 
 
-def test_patches_stage_trains_only_the_vit_and_lowers_the_loss(tmp_path):
+# The head reads the ViT's patches (only the ViT trains) or the decoder's image tokens (the
+# adapter's linear_proj trains too; boi/eoi are not read, so they stay).
+@pytest.mark.parametrize("features, trained", [
+    ("vit", ("model.vision.patch_embedding.", "model.vision.transformer.")),
+    ("image_tokens", ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.linear_proj.")),
+])
+def test_patches_stage_trains_only_what_the_head_reads_and_lowers_the_loss(tmp_path, features, trained):
     CogVLMForCausalLM(PRESETS["tiny"]).init_weights().save_pretrained(tmp_path / "init")
-    final = run(config(tmp_path / "run", model=str(tmp_path / "init"), eval_every=12, eval_batch_size=8))
+    final = run(config(tmp_path / "run", model=str(tmp_path / "init"), eval_every=12, eval_batch_size=8,
+                       patch_features=features))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"eval_patch_kind_acc", "eval_patch_color_acc", "eval_patch_box_l1"} <= set(records[-1])
-    # The checkpoint is a plain CogVLM (head aside) in which only the ViT has moved.
+    # The checkpoint is a plain CogVLM (head aside) in which only the trained part has moved.
     CogVLMForCausalLM.from_pretrained(final)
-    trained = weights(final)
+    after = weights(final)
     for name, tensor in weights(tmp_path / "init").items():
-        vit = name.startswith(("model.vision.patch_embedding.", "model.vision.transformer."))
-        assert torch.equal(trained[name], tensor) != vit, name
+        assert torch.equal(after[name], tensor) != name.startswith(trained), name
     assert (final / HEAD_FILE).is_file()
 
 

@@ -26,7 +26,7 @@ from cogvlm.prompts import build_conversation_input_ids
 from cogvlm.train import checkpoint, cli_main, data, load_config, run
 from cogvlm.train.config import TrainError
 from cogvlm.train.loop import MetricsLog, lr_factor
-from cogvlm.train.modes import PARTS, apply_mode, matches, param_groups
+from cogvlm.train.modes import PARTS, apply_mode, build_model, matches, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "fixtures" / "reference-tiny"
@@ -203,6 +203,31 @@ def test_parts_partition_the_parameters_and_lr_groups_use_them():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_an_lr_of_zero_freezes_its_part():
+    model = CogVLMForCausalLM(TINY)
+    groups = param_groups(model, load_config(config(Path("x"), lr_groups=[{"params": ["@vit", "@adapter"], "lr": 0}])))
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        vision = matches(name, PARTS["vit"] + PARTS["adapter"])
+        assert param.requires_grad != vision and (id(param) in in_groups) != vision, name
+    assert all(g["lr"] > 0 for g in groups)
+
+
+def test_reinit_redraws_only_the_named_part(tmp_path):
+    """reinit [@adapter] on a trained checkpoint: the adapter starts afresh (normal(0, 0.02)
+    projections, unit norms), everything else is the checkpoint's."""
+    settings = config(tmp_path, model=str(REFERENCE), model_config=None, reinit=["@adapter"])
+    model, _ = build_model(load_config(settings), None, tmp_path)
+    loaded = load_file(REFERENCE / "model.safetensors")
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), loaded[name]) != matches(name, PARTS["adapter"]), name
+    adapter = model.model.vision.linear_proj
+    assert abs(float(adapter.gate_proj.weight.std()) - TINY.initializer_range) < 0.002
+    assert torch.equal(adapter.norm1.weight, torch.ones_like(adapter.norm1.weight))
+    with pytest.raises(TrainError, match=r"reinit \['model.nothing'\]: no parameter matches"):
+        build_model(load_config({**settings, "reinit": ["model.nothing"]}), None, tmp_path)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, warmup=3, total=10, min_ratio=0.1) for s in range(11)]
     assert f[:3] == [0.25, 0.5, 0.75] and f[3] == 1.0
@@ -247,8 +272,6 @@ def test_each_mode_lowers_the_loss(mode_runs, mode):
 
 def test_lora_on_a_bf16_base(dataset_dir, tmp_path):
     """model_dtype bfloat16: the frozen base is bf16, the adapters stay fp32, and it learns."""
-    from cogvlm.train.modes import build_model
-
     settings = config(tmp_path, mode="lora", lr=1e-2, max_steps=8, min_lr_ratio=1.0, model=str(REFERENCE),
                       model_config=None, model_dtype="bfloat16",
                       data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}])

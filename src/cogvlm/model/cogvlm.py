@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +124,15 @@ class CogVLMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @torch.no_grad()
-    def init_weights(self) -> "CogVLMForCausalLM":
+    def init_weights(self, only: Callable[[str], bool] | None = None) -> "CogVLMForCausalLM":
         """Random init for training from scratch: the official `_init_weights` (normal(0,
         initializer_range) for Linear and Embedding weights, zero biases and padding row),
         extended to the patch conv and the free vectors (cls, boi, eoi) so no input is all zero;
-        norm weights one."""
+        norm weights one. `only`, a test on parameter names, re-draws just the matching modules."""
         std = self.config.initializer_range
-        for module in self.modules():
+        for name, module in self.named_modules():
+            if only is not None and not only(f"{name}.weight"):
+                continue
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 module.weight.normal_(0.0, std)
                 if getattr(module, "bias", None) is not None:
@@ -142,8 +144,9 @@ class CogVLMForCausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
         vision = self.model.vision
-        for param in (vision.patch_embedding.cls_embedding, vision.boi, vision.eoi):
-            param.normal_(0.0, std)
+        for name in ("patch_embedding.cls_embedding", "boi", "eoi"):
+            if only is None or only(f"model.vision.{name}"):
+                vision.get_parameter(name).normal_(0.0, std)
         return self
 
     @property

@@ -13,10 +13,15 @@ Model and mode
   mode                     from_scratch | expert | lora (see `cogvlm.train.modes`). Weights are
                            initialised with `CogVLMForCausalLM.init_weights` exactly when no `model` is given.
   train_vit                expert: train the ViT too (default false)
+  reinit                   patterns (as in lr_groups, e.g. [@adapter]) of parameters re-drawn from
+                           the from-scratch init before the stage trains (not on resume)
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
                            ViT trains, each patch predicting the kind, colour and box of the
                            synthetic shape under it through a throwaway head (`cogvlm.train.patches`;
                            synthetic data only, mode from_scratch); a pretraining stage for the ViT
+  patch_features           objective patches: what the head reads; vit (default: the ViT's patch
+                           features, only the ViT trains) | image_tokens (the decoder's image tokens,
+                           after the adapter: ViT and adapter train)
   copy_language_to_vision  expert: start the vision experts as copies of the language experts
                            (CogVLM's recipe, default true; set false to fine-tune a trained CogVLM)
   lora_r, lora_alpha, lora_dropout, lora_targets   lora: rank, scale, dropout, module names
@@ -36,7 +41,7 @@ Optimisation
   lr, weight_decay, betas, max_grad_norm (0: no clipping)
   lr_groups                [{params: [PATTERN, ...], lr: X}, ...]: first match wins; a pattern is
                            a name prefix, a glob over official parameter names, or one of
-                           @language, @vision_experts, @adapter, @vit
+                           @language, @vision_experts, @adapter, @vit; lr 0 freezes the part
   warmup_steps, min_lr_ratio   linear warmup, then cosine down to lr * min_lr_ratio at max_steps
   batch_size (per process), grad_accum, max_steps
   mixed_precision          no | bf16 | fp16 (autocast; falls back to "no" where the device lacks it)
@@ -68,6 +73,7 @@ from ..errors import CogVLMError
 
 MODES = ("from_scratch", "expert", "lora")
 OBJECTIVES = ("lm", "patches")
+PATCH_FEATURES = ("vit", "image_tokens")  # what the patches objective's head reads
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEFAULT_LORA_TARGETS = ("vision_expert_query_key_value", "vision_expert_dense",
                         "vision_mlp.gate_proj", "vision_mlp.up_proj", "vision_mlp.down_proj")
@@ -88,7 +94,9 @@ class TrainConfig:
     tokenizer: str | None = None
     mode: str = "from_scratch"
     objective: str = "lm"
+    patch_features: str = "vit"
     train_vit: bool = False
+    reinit: list = field(default_factory=list)
     copy_language_to_vision: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -162,6 +170,8 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"objective '{cfg.objective}' (use {', '.join(OBJECTIVES)})")
     if cfg.objective == "patches" and cfg.mode != "from_scratch":
         problems.append("objective patches trains the ViT of a plain model: use mode from_scratch")
+    if cfg.patch_features not in PATCH_FEATURES:
+        problems.append(f"patch_features '{cfg.patch_features}' (use {' or '.join(PATCH_FEATURES)})")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

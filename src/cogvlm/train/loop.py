@@ -307,7 +307,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     patches = cfg.objective == "patches"
     if patches:
-        model = patch_model(model)
+        model = patch_model(model, cfg.patch_features)
         dataset = PatchDataset(cfg.data, model_config, cfg.seed)
         collate_fn = torch.utils.data.default_collate
     else:

@@ -192,12 +192,18 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
             if accelerator.is_main_process:
                 model.save_pretrained(base_path)
             accelerator.wait_for_everyone()
+    if cfg.reinit:
+        names = [name for name, _ in model.named_parameters() if matches(name, cfg.reinit)]
+        if not names:
+            raise TrainError(f"reinit {cfg.reinit}: no parameter matches")
+        model.init_weights(only=lambda name: matches(name, cfg.reinit))
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     return apply_mode(model.train(), cfg, base_path), model.config
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: lr from the first matching `lr_groups` entry; no decay on vectors."""
+    """AdamW groups: lr from the first matching `lr_groups` entry; no decay on vectors. A part
+    given lr 0 is frozen (requires_grad off, so no gradient is computed for it)."""
     rules = []
     for group in cfg.lr_groups:
         if not isinstance(group, dict) or "params" not in group or "lr" not in group:
@@ -207,6 +213,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in trainable_parameters(model):
         lr = next((lr for patterns, lr in rules if matches(name, patterns)), cfg.lr)
+        if lr == 0:
+            param.requires_grad_(False)
+            continue
         decay = cfg.weight_decay if param.ndim >= 2 else 0.0
         groups.setdefault((lr, decay), []).append(param)
     if not groups:

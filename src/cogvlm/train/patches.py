@@ -1,11 +1,13 @@
 """The `patches` objective: dense pretraining of the vision tower on synthetic scenes.
 
-Every ViT patch predicts, through a throwaway linear head, the kind, colour and box of the
-shape that covers it (or background), read from the generator's ground truth. It is only an
-initialisation for the ViT: the model stays a plain CogVLM and the head is dropped when the
-next stage loads the checkpoint. Why: with the language-modelling loss alone, a tiny ViT learns
-colour but hardly shape or place (issue 4 notes); a per-patch target gives the ViT a signal at
-every patch of every image instead of one answer token per question.
+Every patch predicts, through a throwaway linear head, the kind, colour and box of the shape
+that covers it (or background), read from the generator's ground truth. The head reads either
+the ViT's patch features (only the ViT trains) or the image tokens the decoder sees, after the
+GLU adapter (ViT and adapter train). It is only an initialisation: the model stays a plain
+CogVLM and the head is dropped when the next stage loads the checkpoint. Why: with the
+language-modelling loss alone, a tiny ViT learns colour but hardly shape or place, and an
+adapter trained that way drops place even where the ViT carries it (issue 4 notes); a per-patch
+target gives a signal at every patch of every image instead of one answer token per question.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ MIN_COVER = 0.1
 #: Weight of the box L1 (box coordinates in 0..1) against the two cross-entropies.
 BOX_WEIGHT = 5.0
 N_KINDS, N_COLORS = 1 + len(synthetic.KINDS), len(synthetic.COLORS)  # kind 0 = background
+#: What the head reads (config key `patch_features`) -> the parameter groups that train.
+TRAINED_PARTS = {"vit": ("@vit",), "image_tokens": ("@vit", "@adapter")}
 
 
 def patch_targets(scene: synthetic.Scene, grid: int) -> dict[str, torch.Tensor]:
@@ -124,12 +128,18 @@ class PatchPretraining(nn.Module):
     plain CogVLM for the next stage and resumes with its head here.
     """
 
-    def __init__(self, cogvlm: CogVLMForCausalLM) -> None:
+    def __init__(self, cogvlm: CogVLMForCausalLM, features: str = "vit") -> None:
         super().__init__()
-        self.cogvlm = cogvlm
-        self.head = PatchHead(cogvlm.config.vision_config.hidden_size)
+        self.cogvlm, self.features = cogvlm, features
+        config = cogvlm.config
+        self.head = PatchHead(config.vision_config.hidden_size if features == "vit" else config.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.features == "image_tokens":
+            # RMS-normalised as every decoder layer first normalises them: a language-trained
+            # adapter's tokens can be far larger than unit scale and would saturate the head.
+            tokens = self.cogvlm.model.encode_images(pixels)[:, 1:-1]  # (N, P, D), boi/eoi dropped
+            return self.head(F.rms_norm(tokens, tokens.shape[-1:]))
         vision = self.cogvlm.model.vision
         features = vision.transformer(vision.patch_embedding(pixels))[:, 1:]  # (N, P, Dv), cls dropped
         return self.head(features)
@@ -143,10 +153,11 @@ class PatchPretraining(nn.Module):
         self.head.load_state_dict(load_file(folder / HEAD_FILE), strict=True)
 
 
-def patch_model(model: CogVLMForCausalLM) -> PatchPretraining:
-    """The module the `patches` objective trains: only the ViT of `model`, plus a new head."""
-    set_trainable(model, ("@vit",))
-    return PatchPretraining(model)
+def patch_model(model: CogVLMForCausalLM, features: str = "vit") -> PatchPretraining:
+    """The module the `patches` objective trains: a new head on `features` of `model` ("vit" or
+    "image_tokens"), and the parts of `model` that compute them."""
+    set_trainable(model, TRAINED_PARTS[features])
+    return PatchPretraining(model, features)
 
 
 def patch_loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -185,4 +196,4 @@ class PatchProbe:
 
 __all__ = ["patch_targets", "PatchDataset", "PatchHead", "PatchPretraining", "patch_model", "patch_loss_sum",
            "PatchProbe",
-           "HEAD_FILE"]
+           "HEAD_FILE", "TRAINED_PARTS"]
