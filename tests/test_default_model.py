@@ -1,8 +1,9 @@
 """The shipped default model: it looks at the image, and answers about scenes it never saw.
 
-The floors are regression guards at the levels the shipped model reaches on these fixed,
-held-out questions (seed 999_999, never used in training), not the project's targets, which
-it does not reach yet; the model card has the full evaluation (500 questions per type).
+On these fixed held-out questions (seed 999_999, never used in training) existence must meet the
+project's target; the other floors are regression guards just under what the shipped model
+reaches here, since it does not reach those targets everywhere yet (the model card has the full
+evaluation, 500 questions per type: shape meets its target there, 0.868, but gets 0.825 here).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import cogvlm
 from cogvlm.eval.tasks.shapes import evaluate_shapes
 from cogvlm.pipeline import DEFAULT_MODEL
 
-#: Per-type accuracy floors on 12 held-out questions per type (108 in all); the shipped model
-#: gets colour 0.67, shape 0.92, count 0.83 and existence 0.92 here. Types it answers near
-#: chance have no floor yet.
-FLOORS = {"color": 0.6, "shape": 0.6, "count": 0.75, "exist": 0.75}
+#: Per-type accuracy floors on 40 held-out questions per type (360 in all, a few seconds); the
+#: shipped model gets colour 0.90, shape 0.825, count 0.85, existence 0.95 (target 0.90) and
+#: position 0.65 here. Types it answers near chance (relations, boxes) have no floor yet.
+FLOORS = {"color": 0.85, "shape": 0.75, "count": 0.8, "exist": 0.9, "position": 0.6, "caption": 0.4}
+N_HELDOUT = 40
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def heldout(vlm):
-    return evaluate_shapes(vlm, n=12, batch_size=12)
+    return evaluate_shapes(vlm, n=N_HELDOUT, batch_size=20)
 
 
 def test_heldout_accuracy_per_type(heldout):
@@ -44,7 +46,7 @@ def test_heldout_accuracy_per_type(heldout):
 
 
 def test_shuffled_images_fall_to_chance(vlm, heldout):
-    shuffled = evaluate_shapes(vlm, n=12, batch_size=12, shuffle=True)["per_type"]
+    shuffled = evaluate_shapes(vlm, n=N_HELDOUT, batch_size=20, shuffle=True)["per_type"]
     for task in ("color", "shape"):  # 10 colours, 5 kinds: chance is 0.1 and 0.2
         assert shuffled[task] <= 0.4, (task, shuffled[task])
     # The colour and shape answers come from the image: with another scene's image they are lost.
@@ -56,7 +58,7 @@ PLAIN_COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "
                 "black": (0, 0, 0), "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (139, 69, 19)}
 PLAIN_KINDS = ("circle", "square", "rectangle", "triangle", "star")
 #: Floors on the 40 PIL-drawn scenes, just under what the shipped model reaches (see the model card).
-PLAIN_FLOORS = {"color": 0.9, "shape": 0.6}
+PLAIN_FLOORS = {"color": 0.9, "shape": 0.65}
 
 
 def _outline(kind: str, cx: int, cy: int, r: int) -> list[tuple[float, float]]:
