@@ -16,9 +16,10 @@ Model and mode
   reinit                   patterns (as in lr_groups, e.g. [@adapter]) of parameters re-drawn from
                            the from-scratch init before the stage trains (not on resume)
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
-                           ViT trains, each patch predicting the kind, colour and box of the
-                           synthetic shape under it through a throwaway head (`cogvlm.train.patches`;
-                           synthetic data only, mode from_scratch); a pretraining stage for the ViT
+                           vision side trains (see patch_features), each patch predicting the kind,
+                           colour and box of the synthetic shape under it through a throwaway head
+                           (`cogvlm.train.patches`; synthetic data only, mode from_scratch); a
+                           pretraining stage for the ViT and adapter
   patch_features           objective patches: what the head reads; vit (default: the ViT's patch
                            features, only the ViT trains) | image_tokens (the decoder's image tokens,
                            after the adapter: ViT and adapter train)
