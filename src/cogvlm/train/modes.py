@@ -193,8 +193,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
                 model.save_pretrained(base_path)
             accelerator.wait_for_everyone()
     if cfg.reinit:
-        names = [name for name, _ in model.named_parameters() if matches(name, cfg.reinit)]
-        if not names:
+        if not any(matches(name, cfg.reinit) for name, _ in model.named_parameters()):
             raise TrainError(f"reinit {cfg.reinit}: no parameter matches")
         model.init_weights(only=lambda name: matches(name, cfg.reinit))
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
