@@ -326,7 +326,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     elif cfg.eval_every:
         held_out = build_dataset(cfg.eval_data or cfg.data, tokenizer, model_config, cfg.max_length,
                                  cfg.seed, heldout=cfg.eval_data is None)
-        eval_batch = collate([held_out[i] for i in range(cfg.eval_batch_size)], tokenizer.pad_token_id)
+        eval_batch = collate_fn([held_out[i] for i in range(cfg.eval_batch_size)])
         evaluators = [ShuffledImagesDiagnostic(eval_batch), *evaluators]
     state = {"step": 0, "micro_step": 0, "elapsed": 0.0}
     if resume_from is not None:
