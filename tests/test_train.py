@@ -228,6 +228,28 @@ def test_reinit_redraws_only_the_named_part(tmp_path):
         build_model(load_config({**settings, "reinit": ["model.nothing"]}), None, tmp_path)
 
 
+def test_rescale_multiplies_only_the_named_part(tmp_path):
+    """rescale {the adapter's last projection: 50}: the image tokens (not boi/eoi) come out 50x the
+    checkpoint's, every other weight is unchanged; no match or a bad factor is a one-line error."""
+    name = "model.vision.linear_proj.dense_4h_to_h.weight"
+    settings = config(tmp_path, model=str(REFERENCE), model_config=None, rescale={name: 50})
+    model, _ = build_model(load_config(settings), None, tmp_path)
+    loaded = load_file(REFERENCE / "model.safetensors")
+    for n, param in model.named_parameters():
+        assert torch.equal(param.detach(), loaded[n] * 50 if n == name else loaded[n]), n
+    size = model.config.vision_config.image_size
+    images = torch.randn(1, 3, size, size)
+    plain = CogVLMForCausalLM.from_pretrained(REFERENCE)
+    with torch.no_grad():
+        scaled, tokens = model.model.encode_images(images), plain.model.encode_images(images)
+    torch.testing.assert_close(scaled[:, 1:-1], tokens[:, 1:-1] * 50, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled[:, [0, -1]], tokens[:, [0, -1]])
+    with pytest.raises(TrainError, match=r"rescale 'model.nothing': no parameter matches"):
+        build_model(load_config({**settings, "rescale": {"model.nothing": 2}}), None, tmp_path)
+    with pytest.raises(TrainError, match=r"bad training config: rescale .* positive factor"):
+        load_config({**settings, "rescale": {name: 0}})
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, warmup=3, total=10, min_ratio=0.1) for s in range(11)]
     assert f[:3] == [0.25, 0.5, 0.75] and f[3] == 1.0

@@ -15,6 +15,9 @@ Model and mode
   train_vit                expert: train the ViT too (default false)
   reinit                   patterns (as in lr_groups, e.g. [@adapter]) of parameters re-drawn from
                            the from-scratch init before the stage trains (not on resume)
+  rescale                  {PATTERN: factor}: multiply the matching parameters by factor before the
+                           stage trains, after reinit (not on resume); e.g. the adapter's last
+                           projection, to make the image tokens larger next to the decoder's residual
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
                            vision side trains (see patch_features), each patch predicting the kind,
                            colour and box of the synthetic shape under it through a throwaway head
@@ -98,6 +101,7 @@ class TrainConfig:
     patch_features: str = "vit"
     train_vit: bool = False
     reinit: list = field(default_factory=list)
+    rescale: dict = field(default_factory=dict)
     copy_language_to_vision: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -173,6 +177,9 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append("objective patches trains the ViT of a plain model: use mode from_scratch")
     if cfg.patch_features not in PATCH_FEATURES:
         problems.append(f"patch_features '{cfg.patch_features}' (use {' or '.join(PATCH_FEATURES)})")
+    if not isinstance(cfg.rescale, dict) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in cfg.rescale.values()):
+        problems.append(f"rescale {cfg.rescale!r} (use a mapping of parameter pattern to a positive factor)")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

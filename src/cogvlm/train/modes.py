@@ -196,6 +196,13 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
         if not any(matches(name, cfg.reinit) for name, _ in model.named_parameters()):
             raise TrainError(f"reinit {cfg.reinit}: no parameter matches")
         model.init_weights(only=lambda name: matches(name, cfg.reinit))
+    for pattern, factor in cfg.rescale.items():
+        scaled = [param for name, param in model.named_parameters() if matches(name, [pattern])]
+        if not scaled:
+            raise TrainError(f"rescale {pattern!r}: no parameter matches")
+        with torch.no_grad():
+            for param in scaled:
+                param.mul_(factor)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     return apply_mode(model.train(), cfg, base_path), model.config
 
