@@ -53,6 +53,7 @@ def probe(pipeline: cogvlm.Pipeline, scenes: int, seed: int) -> tuple[list[Row],
         return hook
 
     hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+    hooks.append(model.model.vision.register_forward_hook(keep(-1)))  # the image tokens
     names = ["image tokens"] + [f"after layer {k}" for k in range(len(layers))]
     features: list[list[np.ndarray]] = [[] for _ in names]
     norms: list[list[float]] = [[] for _ in names]
@@ -62,10 +63,9 @@ def probe(pipeline: cogvlm.Pipeline, scenes: int, seed: int) -> tuple[list[Row],
             for _, scene, _ in iter_scenes(seed, scenes, per_scene=1):
                 inputs = pipeline.build(QUESTION, scene.render(), template_version="vqa")
                 ids, types = inputs["input_ids"][None], inputs["token_type_ids"][None]
-                tokens = model.model.encode_images(torch.stack(inputs["images"]))[0, 1:-1]  # (G*G, D)
                 model(ids, types, torch.ones_like(ids), [inputs["images"]])
                 patches = (types[0] == VISION_TOKEN_TYPE).nonzero().flatten()[1:-1]   # boi/eoi dropped
-                rows = [tokens] + [hidden[k][0, patches] for k in range(len(layers))]
+                rows = [hidden[-1][0, 1:-1]] + [hidden[k][0, patches] for k in range(len(layers))]
                 grid = int(len(patches) ** 0.5)
                 masks = [(s.box, box_mask(s.box, grid, scene.width)) for s in scene.shapes]
                 shapes = [(box, mask) for box, mask in masks if mask.any()]

@@ -180,6 +180,14 @@ def model_config_from(spec: Any) -> CogVLMConfig:
         raise TrainError(f"model_config: {e}") from None
 
 
+def _matching(model: nn.Module, patterns: list[str], setting: str) -> list[nn.Parameter]:
+    """The parameters a setting's patterns name; a setting that names none is an error."""
+    found = [param for name, param in model.named_parameters() if matches(name, patterns)]
+    if not found:
+        raise TrainError(f"{setting}: no parameter matches")
+    return found
+
+
 def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> tuple[nn.Module, CogVLMConfig]:
     """The module to train (mode applied) and its model config; seeded init when from scratch."""
     base_path = Path(cfg.model) if cfg.model else output_dir / "base"
@@ -193,15 +201,11 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
                 model.save_pretrained(base_path)
             accelerator.wait_for_everyone()
     if cfg.reinit:
-        if not any(matches(name, cfg.reinit) for name, _ in model.named_parameters()):
-            raise TrainError(f"reinit {cfg.reinit}: no parameter matches")
+        _matching(model, cfg.reinit, f"reinit {cfg.reinit}")
         model.init_weights(only=lambda name: matches(name, cfg.reinit))
-    for pattern, factor in cfg.rescale.items():
-        scaled = [param for name, param in model.named_parameters() if matches(name, [pattern])]
-        if not scaled:
-            raise TrainError(f"rescale {pattern!r}: no parameter matches")
-        with torch.no_grad():
-            for param in scaled:
+    with torch.no_grad():
+        for pattern, factor in cfg.rescale.items():
+            for param in _matching(model, [pattern], f"rescale {pattern!r}"):
                 param.mul_(factor)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     return apply_mode(model.train(), cfg, base_path), model.config
