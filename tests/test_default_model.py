@@ -1,10 +1,10 @@
 """The shipped default model: it looks at the image, and answers about scenes it never saw.
 
-On these fixed held-out questions (seed 999_999, never used in training) existence and position
-must meet the project's targets; the other floors are regression guards just under what the
-shipped model reaches here, since it does not reach every target yet (the model card has the full
-evaluation, 500 questions per type: colour and shape meet theirs there, 0.954 and 0.874, but get
-0.92 and 0.85 on these 100).
+On these fixed held-out questions (seed 999_999, never used in training) shape, existence,
+position and captions must meet the project's targets. Count and boxes, whose targets the model
+does not reach yet, and colour, which meets its target on the full evaluation (0.954 on 500
+questions per type, in the model card) but gets 0.92 on these 100, have regression floors just
+under what it gets here.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import cogvlm
 from cogvlm.eval.tasks.shapes import evaluate_shapes
 from cogvlm.pipeline import DEFAULT_MODEL
 
-#: Per-type accuracy floors on 100 held-out questions per type (900 in all); the shipped model gets
-#: colour 0.92, shape 0.85, count 0.90, existence 1.00 and position 1.00 (targets 0.90), captions
-#: 0.51 and boxes 0.26 here. Relations, which it answers at chance, have no floor yet.
-FLOORS = {"color": 0.88, "shape": 0.8, "count": 0.85, "exist": 0.9, "position": 0.9, "caption": 0.45,
-          "ground": 0.2}
+#: The project's targets that the shipped model meets; on these 100 questions per type (900 in all)
+#: it gets shape 0.86, existence 1.00, position 1.00 and captions 0.62.
+TARGETS = {"shape": 0.85, "exist": 0.9, "position": 0.9, "caption": 0.6}
+#: Regression floors where it misses the target here (colour 0.95, count 0.93, boxes 0.65): it gets
+#: colour 0.92, count 0.88 and boxes 0.46. Relations, answered at chance, have no floor.
+FLOORS = {"color": 0.88, "count": 0.85, "ground": 0.42}
 N_HELDOUT = 100
 
 
@@ -43,8 +44,8 @@ def heldout(vlm):
 
 def test_heldout_accuracy_per_type(heldout):
     per_type = heldout["per_type"]
-    low = {t: round(per_type[t], 3) for t, floor in FLOORS.items() if per_type[t] < floor}
-    assert not low, f"below the floor: {low} (all: {per_type})"
+    low = {t: round(per_type[t], 3) for t, floor in {**TARGETS, **FLOORS}.items() if per_type[t] < floor}
+    assert not low, f"below the target or floor: {low} (all: {per_type})"
 
 
 def test_shuffled_images_fall_to_chance(vlm, heldout):
