@@ -23,11 +23,11 @@ from cogvlm.eval.tasks.shapes import evaluate_shapes
 from cogvlm.pipeline import DEFAULT_MODEL
 
 #: The project's targets that the shipped model meets; on these 100 questions per type (900 in all)
-#: it gets shape 0.86, existence 1.00, position 1.00 and captions 0.62.
+#: it gets shape 0.85, existence 0.98, position 1.00 and captions 0.65.
 TARGETS = {"shape": 0.85, "exist": 0.9, "position": 0.9, "caption": 0.6}
 #: Regression floors where it misses the target here (colour 0.95, count 0.93, boxes 0.65): it gets
-#: colour 0.92, count 0.88 and boxes 0.46. Relations, answered at chance, have no floor.
-FLOORS = {"color": 0.88, "count": 0.85, "ground": 0.42}
+#: colour 0.91, count 0.91 and boxes 0.59. Relations, answered at chance, have no floor.
+FLOORS = {"color": 0.88, "count": 0.88, "ground": 0.55}
 N_HELDOUT = 100
 
 
