@@ -250,6 +250,38 @@ def test_rescale_multiplies_only_the_named_part(tmp_path):
         load_config({**settings, "rescale": {name: 0}})
 
 
+def test_image_size_interpolates_the_position_embeddings(tmp_path):
+    """image_size 42 on the 28 px reference-tiny (patch 14): its 2x2 grid of position embeddings
+    becomes a bicubic 3x3 (cls kept; the centre is the mean of the four), every other weight is the
+    checkpoint's and the model reads 42 px images; a size off the patch grid is a one-line error."""
+    settings = config(tmp_path, model=str(REFERENCE), model_config=None, image_size=42)
+    model, model_config = build_model(load_config(settings), None, tmp_path)
+    assert (model_config.vision_config.image_size, model_config.vision_config.num_positions) == (42, 10)
+    key = "model.vision.patch_embedding.position_embedding.weight"
+    loaded = load_file(REFERENCE / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert name == key or torch.equal(tensor, loaded[name]), name
+    pos, old = model.state_dict()[key], loaded[key]
+    assert pos.shape == (10, old.shape[1]) and torch.equal(pos[0], old[0])
+    torch.testing.assert_close(pos[1 + 4], old[1:].mean(0))
+    with torch.no_grad():
+        assert model.model.encode_images(torch.randn(2, 3, 42, 42)).shape[:2] == (2, 9 + 2)
+    with pytest.raises(TrainError, match=r"image_size 40 is not a multiple of the patch size 14"):
+        build_model(load_config({**settings, "image_size": 40}), None, tmp_path)
+    with pytest.raises(TrainError, match=r"bad training config: image_size 0"):
+        load_config({**settings, "image_size": 0})
+
+
+def test_a_resized_run_checkpoints_its_size_and_resumes(tmp_path):
+    """Training at image_size 42 from the 28 px checkpoint writes checkpoints that load at 42 px,
+    and resuming rebuilds the resized model before reading the checkpoint."""
+    settings = config(tmp_path, model=str(REFERENCE), model_config=None, image_size=42, max_steps=2, save_every=1)
+    first = run(settings)
+    assert CogVLMForCausalLM.from_pretrained(first).config.vision_config.num_positions == 10
+    last = run({**settings, "max_steps": 3, "resume": True})
+    assert last.name == "step-3" and CogVLMForCausalLM.from_pretrained(last).config.vision_config.image_size == 42
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, warmup=3, total=10, min_ratio=0.1) for s in range(11)]
     assert f[:3] == [0.25, 0.5, 0.75] and f[3] == 1.0

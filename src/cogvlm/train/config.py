@@ -18,6 +18,9 @@ Model and mode
   rescale                  {PATTERN: factor}: multiply the matching parameters by factor before the
                            stage trains, after reinit (not on resume); e.g. the adapter's last
                            projection, to make the image tokens larger next to the decoder's residual
+  image_size               a new input size for the ViT (a multiple of its patch size): its position
+                           embeddings are interpolated bicubically over the patch grid (cls kept), as
+                           CogVLM went from 224 to 490 px; the checkpoint's config records the size
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
                            vision side trains (see patch_features), each patch predicting the kind,
                            colour and box of the synthetic shape under it through a throwaway head
@@ -102,6 +105,7 @@ class TrainConfig:
     train_vit: bool = False
     reinit: list = field(default_factory=list)
     rescale: dict = field(default_factory=dict)
+    image_size: int | None = None
     copy_language_to_vision: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -180,6 +184,9 @@ def _validate(cfg: TrainConfig) -> None:
     if not isinstance(cfg.rescale, dict) or not all(
             isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in cfg.rescale.values()):
         problems.append(f"rescale {cfg.rescale!r} (use a mapping of parameter pattern to a positive factor)")
+    if cfg.image_size is not None and (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int)
+                                       or cfg.image_size <= 0):
+        problems.append(f"image_size {cfg.image_size!r} (use a positive number of pixels)")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
@@ -188,6 +189,27 @@ def _matching(model: nn.Module, patterns: list[str], setting: str) -> list[nn.Pa
     return found
 
 
+def resize_images(model: CogVLMForCausalLM, image_size: int) -> CogVLMForCausalLM:
+    """The model at another input size: the ViT's position embeddings interpolated bicubically
+    over the patch grid (cls kept), as CogVLM went from 224 to 490 px; every other weight as is."""
+    vision = model.config.vision_config
+    if image_size % vision.patch_size:
+        raise TrainError(f"image_size {image_size} is not a multiple of the patch size {vision.patch_size}")
+    old, new = vision.image_size // vision.patch_size, image_size // vision.patch_size
+    config = model.config.replace(vision_config=dataclasses.replace(
+        vision, image_size=image_size, num_positions=new * new + 1))
+    state = model.state_dict()
+    key = "model.vision.patch_embedding.position_embedding.weight"
+    pos = state[key]                                                # (1 + old*old, Dv)
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)     # (1, Dv, old, old)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    state[key] = torch.cat((pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)))
+    with torch.device("meta"):
+        resized = CogVLMForCausalLM(config)
+    resized.load_state_dict(state, assign=True)
+    return resized
+
+
 def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> tuple[nn.Module, CogVLMConfig]:
     """The module to train (mode applied) and its model config; seeded init when from scratch."""
     base_path = Path(cfg.model) if cfg.model else output_dir / "base"
@@ -200,6 +222,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
             if accelerator.is_main_process:
                 model.save_pretrained(base_path)
             accelerator.wait_for_everyone()
+    if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
+        model = resize_images(model, cfg.image_size)
     if cfg.reinit:
         _matching(model, cfg.reinit, f"reinit {cfg.reinit}")
         model.init_weights(only=lambda name: matches(name, cfg.reinit))
