@@ -270,6 +270,8 @@ def test_image_size_interpolates_the_position_embeddings(tmp_path):
         build_model(load_config({**settings, "image_size": 40}), None, tmp_path)
     with pytest.raises(TrainError, match=r"bad training config: image_size 0"):
         load_config({**settings, "image_size": 0})
+    with pytest.raises(TrainError, match=r"image_size with mode lora"):
+        load_config({**settings, "mode": "lora"})
 
 
 def test_a_resized_run_checkpoints_its_size_and_resumes(tmp_path):

@@ -187,6 +187,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.image_size is not None and (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int)
                                        or cfg.image_size <= 0):
         problems.append(f"image_size {cfg.image_size!r} (use a positive number of pixels)")
+    if cfg.image_size is not None and cfg.mode == "lora":
+        problems.append("image_size with mode lora (LoRA merges onto the base as stored: resize it in "
+                        "a from_scratch or expert stage first)")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:
