@@ -37,6 +37,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 10),
 }
 KINDS: tuple[str, ...] = ("circle", "square", "rectangle", "triangle", "star")
+MAX_SHAPES = 4  # per scene
 COLOR_JITTER = 16  # per channel, on top of the named colour (see Scene.shape_rgb)
 SIZES: dict[str, float] = {"small": 0.14, "medium": 0.22, "large": 0.32}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -152,9 +153,9 @@ def _overlaps(a: tuple[int, ...], b: tuple[int, ...], margin: int) -> bool:
                 or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def make_scene(rng: random.Random, size: int = 224, *, min_shapes: int = 1, max_shapes: int = 4,
+def make_scene(rng: random.Random, size: int = 224, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES,
                easy: bool = False) -> Scene:
-    """Random scene of 1-4 non-overlapping shapes with unique (color, kind) pairs.
+    """Random scene of min_shapes-max_shapes non-overlapping shapes, unique (color, kind) pairs.
 
     ``easy`` gives 1-2 large shapes on plain white (curriculum warm-up). Shapes that cannot be
     placed without overlap after several tries are dropped, so a scene may have fewer shapes.

@@ -194,8 +194,12 @@ class SyntheticSource:
     """
 
     def __init__(self, seed: int, size: int, tasks: Sequence[str] | None = None, easy: bool = False,
-                 per_scene: int = 3, turns: int = 1, template_version: str | None = None) -> None:
+                 per_scene: int = 3, turns: int = 1, template_version: str | None = None,
+                 min_shapes: int = 1) -> None:
+        if not 1 <= min_shapes <= synthetic.MAX_SHAPES:
+            raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {synthetic.MAX_SHAPES})")
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
+        self.min_shapes = min_shapes
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -203,7 +207,7 @@ class SyntheticSource:
         """Scene k's image and records (the last one is kept: its records are consecutive)."""
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
-            scene = synthetic.make_scene(rng, self.size, easy=self.easy)
+            scene = synthetic.make_scene(rng, self.size, min_shapes=self.min_shapes, easy=self.easy)
             records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene,
                                              self.turns)
             self._last = (k, scene.render(), records)
