@@ -1,21 +1,67 @@
 """Frozen configs read from and written to the official `config.json`, plus named presets.
 
 The official `CogVLMConfig` keeps `vision_config` as a plain dict; here both halves are frozen
-dataclasses. Unknown fields in a config.json are ignored; missing architecture fields are an error.
+dataclasses. Missing architecture fields are an error; unknown fields are ignored unless they
+would change the computation. What each field that could change the forward gets here:
+
+- Honoured: every shape field; `rms_norm_eps`; `hidden_act` and `vision_config.hidden_act`
+  (through `ACTIVATIONS`); `rope_theta` (absent from CogVLM-1 configs, whose code hard-codes
+  10000 - the default here; CogVLM2's code hard-codes 500000); `vision_config.layer_norm_eps`,
+  `in_channels`, `dropout_prob` (training only); `initializer_range` (random init);
+  `pad_token_id` (the embedding's padding row); `torch_dtype` (the loaders' "auto" dtype).
+- Not part of the forward: `max_position_embeddings` (the official code never reads it; here it
+  is `context_length`), `template_version` (prompts), bos/eos ids (generation), `use_cache`.
+- Refused with one line, at parse time: an unknown activation name, `tie_word_embeddings` true,
+  `rope_scaling` not null, `pretraining_tp` not 1, `attention_bias`/`mlp_bias` true,
+  `num_key_value_heads`/`num_multi_query_heads`/`head_dim` that disagree with the heads, a width
+  not divisible by the heads, a non-positive `rope_theta`, and `vision_config.num_positions`
+  other than patches + 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from .errors import CheckpointError
 
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+#: `hidden_act` names, meaning what the same names mean in transformers' ACT2FN (the formulas
+#: of the tanh approximations included, so a converted checkpoint computes the same numbers).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,                                            # exact (erf)
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_new": _gelu_new,
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +76,7 @@ class VisionConfig:
     intermediate_size: int
     num_positions: int
     in_channels: int = 3
-    hidden_act: str = "gelu"
+    hidden_act: str = "gelu"                    # the ViT MLP's activation, a key of ACTIVATIONS
     layer_norm_eps: float = 1e-6
     dropout_prob: float = 0.0
 
@@ -49,7 +95,7 @@ class CogVLMConfig:
     num_hidden_layers: int
     num_attention_heads: int
     vision_config: VisionConfig
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"                    # the decoder MLP's gate activation
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
@@ -60,10 +106,20 @@ class CogVLMConfig:
     tie_word_embeddings: bool = False
     use_cache: bool = True
     torch_dtype: str = "bfloat16"
+    rope_theta: float = 10000.0                 # RoPE base; not in CogVLM-1 configs (see module doc)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens one sequence may hold, prompt (image tokens included) plus generated ones.
+
+        This is `max_position_embeddings`: the official code stores it but never reads it, and its
+        demos stop at max_length=2048, the value of this field in every published CogVLM-1 config.
+        """
+        return self.max_position_embeddings
 
     @property
     def image_tokens(self) -> int:
@@ -73,19 +129,23 @@ class CogVLMConfig:
     # ---- config.json -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> "CogVLMConfig":
-        """Build from the official dict; ignores unknown keys, names missing required ones."""
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> CogVLMConfig:
+        """Build from the official dict; names missing required keys and refuses values the
+        model cannot compute with (see the module docstring); ignores other unknown keys."""
         vision = data.get("vision_config")
         if not isinstance(vision, dict):
             raise CheckpointError(f"{source}: missing required field 'vision_config'")
         vcfg = _build(VisionConfig, vision, f"{source}: vision_config")
+        _check_vision(vcfg, source)
         top = {k: v for k, v in data.items() if k != "vision_config"}
         if isinstance(top.get("eos_token_id"), list):  # CogVLM2 style list; the first ends turns
             top["eos_token_id"] = top["eos_token_id"][0]
-        return _build(cls, {**top, "vision_config": vcfg}, source)
+        config = _build(cls, {**top, "vision_config": vcfg}, source)
+        _check_decoder(config, data, source)
+        return config
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "CogVLMConfig":
+    def from_json(cls, path: str | Path) -> CogVLMConfig:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no config.json in this folder")
@@ -106,12 +166,67 @@ class CogVLMConfig:
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in _NOT_OFFICIAL and value == f.default:
+                continue  # so an official config.json is written back unchanged
             out[f.name] = dataclasses.asdict(value) if f.name == "vision_config" else value
         out["transformers_version"] = "4.35.0"
         return dict(sorted(out.items()))
 
-    def replace(self, **changes: Any) -> "CogVLMConfig":
+    def replace(self, **changes: Any) -> CogVLMConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: Our fields that the official CogVLM-1 config does not have; written only when not the default.
+_NOT_OFFICIAL = {"rope_theta"}
+
+
+def _refuse(source: str, field: str, value: Any, supported: str) -> CheckpointError:
+    shown = json.dumps(value, default=str)  # as written in config.json: true, null, "gelu"
+    return CheckpointError(f"{source}: {field} {shown} is not supported ({supported})")
+
+
+def _check_activation(name: Any, source: str, field: str) -> None:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise _refuse(source, field, name, f"known: {', '.join(ACTIVATIONS)}")
+
+
+def _check_vision(v: VisionConfig, source: str) -> None:
+    _check_activation(v.hidden_act, source, "vision_config.hidden_act")
+    if v.hidden_size % v.num_heads:
+        raise _refuse(source, "vision_config.hidden_size", v.hidden_size,
+                      f"must be a multiple of vision_config.num_heads {v.num_heads}")
+    if v.num_positions != v.num_patches + 1:
+        raise _refuse(source, "vision_config.num_positions", v.num_positions,
+                      f"must be (image_size // patch_size)^2 + 1 = {v.num_patches + 1}")
+
+
+def _fixed(c: CogVLMConfig) -> dict[str, tuple[Any, str]]:
+    """Keys (mostly LLaMA-style ones the official code never reads) with the one value our forward
+    computes with, and why."""
+    heads = c.num_attention_heads
+    return {
+        "tie_word_embeddings": (False, "lm_head and embed_tokens are separate weights"),
+        "rope_scaling": (None, "RoPE is unscaled"),
+        "pretraining_tp": (1, "linear layers are not sliced"),
+        "attention_bias": (False, "the attention projections have no bias"),
+        "mlp_bias": (False, "the MLP projections have no bias"),
+        "num_key_value_heads": (heads, "grouped-query attention is not implemented"),
+        "num_multi_query_heads": (heads, "grouped-query attention is not implemented"),
+        "head_dim": (c.head_dim, "the head width is hidden_size / num_attention_heads"),
+    }
+
+
+def _check_decoder(c: CogVLMConfig, data: dict[str, Any], source: str) -> None:
+    _check_activation(c.hidden_act, source, "hidden_act")
+    if c.hidden_size % c.num_attention_heads:
+        raise _refuse(source, "hidden_size", c.hidden_size,
+                      f"must be a multiple of num_attention_heads {c.num_attention_heads}")
+    for key, (value, why) in _fixed(c).items():
+        if data.get(key, value) != value:
+            raise _refuse(source, key, data[key], f"only {json.dumps(value)}: {why}")
+    theta = c.rope_theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise _refuse(source, "rope_theta", theta, "only a positive number")
 
 
 def _build(cls: type, data: dict[str, Any], source: str) -> Any:
@@ -132,8 +247,8 @@ def _vision(image_size: int, width: int, layers: int, heads: int, ffn: int, patc
 
 
 _EVA2_E_490 = _vision(490, 1792, 63, 16, 15360)
-_LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32)
+_LLAMA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32}
 
 #: The released shapes, plus small ones for tests and benchmarks.
 PRESETS: dict[str, CogVLMConfig] = {
@@ -161,5 +276,5 @@ def get_preset(name: str) -> CogVLMConfig:
         raise CheckpointError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})") from None
 
 
-__all__ = ["VisionConfig", "CogVLMConfig", "PRESETS", "get_preset",
-           "LANGUAGE_TOKEN_TYPE", "VISION_TOKEN_TYPE"]
+__all__ = ["ACTIVATIONS", "LANGUAGE_TOKEN_TYPE", "PRESETS", "VISION_TOKEN_TYPE", "CogVLMConfig",
+           "VisionConfig", "get_preset"]

@@ -1,7 +1,7 @@
 """Export the language expert as a standard LLaMA checkpoint (transformers' LlamaForCausalLM).
 
 Without an image CogVLM *is* this model: same embeddings, language-expert QKV/dense/MLP, norms
-and head, RoPE base 10000 over the whole head in the same rotate-half layout, so no permutation.
+and head, RoPE (the config's base) over the whole head in the same rotate-half layout, so no permutation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from .config import CogVLMConfig
 from .tokenizer import copy_tokenizer_files
 from .fileio import write_json
-from .weights import load_model, save_state_dict
+from .loading import load_model, resolve_folder
+from .loading.files import save_state_dict
 
 def llama_config(config: CogVLMConfig, dtype: torch.dtype) -> dict:
     """transformers' LlamaConfig fields for the language expert."""
@@ -24,7 +25,7 @@ def llama_config(config: CogVLMConfig, dtype: torch.dtype) -> dict:
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_attention_heads, "hidden_act": config.hidden_act,
         "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+        "rope_theta": config.rope_theta, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": False, "initializer_range": config.initializer_range,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id, "torch_dtype": str(dtype).replace("torch.", ""),
@@ -49,9 +50,11 @@ def language_state_dict(state: dict[str, torch.Tensor], config: CogVLMConfig) ->
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def export_llm(folder: str | Path, out: str | Path, max_shard_size: int | str = "5GB") -> Path:
-    """Write `out` as a LLaMA folder (config.json, safetensors, tokenizer files if present)."""
-    folder, out = Path(folder), Path(out)
+def export_llm(model: str | Path, out: str | Path, max_shard_size: int | str = "5GB",
+               revision: str | None = None) -> Path:
+    """Write `out` as a LLaMA folder (config.json, safetensors, tokenizer files if present) from a
+    model folder or hub id."""
+    folder, out = resolve_folder(model, revision), Path(out)
     model = load_model(folder, dtype="auto")
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(language_state_dict(model.state_dict(), model.config), out, max_shard_size)

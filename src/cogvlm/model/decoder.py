@@ -8,13 +8,13 @@ runs, so the decoder is exactly its language model.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CogVLMConfig
+from ..config import ACTIVATIONS, CogVLMConfig
 
 #: A layer's slice of the preallocated KV cache: keys and values, each (B, H, S_max, K).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
@@ -41,11 +41,14 @@ def rotary_inv_freq(head_dim: int, dtype: torch.dtype = torch.float32, base: flo
 
 
 class RotaryEmbedding(nn.Module):
-    """NeoX-style rotary embedding over the whole head; `inv_freq` is a persistent buffer."""
+    """NeoX-style rotary embedding over the whole head; `inv_freq` is a persistent buffer.
 
-    def __init__(self, head_dim: int) -> None:
+    `base` is config.rope_theta (10000 for CogVLM-1, hard-coded there).
+    """
+
+    def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rotary_inv_freq(head_dim), persistent=True)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, base=base), persistent=True)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin (B, 1, T, K).
@@ -88,7 +91,7 @@ class VisionExpertAttention(nn.Module):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
         self.vision_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
         self.vision_expert_dense = nn.Linear(d, d, bias=False)
         self.language_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
@@ -116,14 +119,17 @@ class VisionExpertAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)), act = config.hidden_act (SiLU in every released config)."""
+
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
+        self.act_fn = ACTIVATIONS[config.hidden_act]
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class VisionExpertMLP(nn.Module):
