@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-LAUNCH = "import sys; from cogvlm.serve import cli_main; sys.exit(cli_main(sys.argv[1:]))"
+LAUNCH = "import sys; from cogvlm.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"
 QUESTIONS = ["Describe this image.", "What color is the star?", "Where is the circle?", "How many shapes are there?"]
 
 

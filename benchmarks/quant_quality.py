@@ -36,9 +36,9 @@ from cogvlm.config import PRESETS
 from cogvlm.generation import BatchDecoder, GenerationConfig
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompts import build_conversation_input_ids, collate
-from cogvlm.quantize import storage_bytes
+from cogvlm.loading.quantize import storage_bytes
 from cogvlm.tokenizer import load_tokenizer
-from cogvlm.weights import load_model
+from cogvlm.loading import load_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny"
 SETTINGS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "fp16": {"dtype": "float16"},
@@ -47,15 +47,15 @@ SETTINGS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "fp16":
 _PROBE = r"""
 import json, re, sys, time
 import torch
-from cogvlm.quantize import quiet_logs
-from cogvlm.weights import load_model
+from cogvlm.loading.quantize import quiet_logs
+from cogvlm.loading import load_model
 
 def peak():  # bytes: the process's peak resident set so far (Linux)
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
 
 folder, kwargs, batch = sys.argv[1], json.loads(sys.argv[2]), torch.load(sys.argv[3])
 with quiet_logs("torchao", "torch.utils._pytree"):  # the same imports for every setting
-    import cogvlm.dispatch, torchao.quantization, torchao.prototype.quantization.int4
+    import cogvlm.loading.placement, torchao.quantization, torchao.prototype.quantization.int4
 base = peak()
 t0 = time.perf_counter()
 model = load_model(folder, **kwargs)

@@ -52,3 +52,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- hub_cache: the official repo names in a Hugging Face hub cache, built from the shipped model ----
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """An HF_HUB_CACHE folder holding THUDM/cogvlm-chat-hf (the shipped tiny-shapes model as the official
+    repos publish it: 8 safetensors shards + index, remote-code .py files, no tokenizer) and
+    lmsys/vicuna-7b-v1.5 (tiny-shapes' tokenizer), downloaded once from a fake hub (tests/hubfake.py).
+
+    Read-only: use it with HF_HUB_OFFLINE=1 HF_HUB_CACHE=<it> in a subprocess's env (e.g.
+    `cogvlm ask --model THUDM/cogvlm-chat-hf ...`), or `hubfake.point_hub(monkeypatch, hubfake.closed_endpoint(),
+    hub_cache, offline=True)` in this process.
+    """
+    from hubfake import build_hub_cache
+
+    return build_hub_cache(tmp_path_factory.mktemp("hub"))

@@ -7,19 +7,19 @@ Offloading moves the same fp32 tensors around, so logits must match to float rou
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import pytest
 import torch
 
 from cogvlm.config import PRESETS
-from cogvlm.dispatch import (add_deploy_flags, choose_setting, deploy_kwargs, describe_plan,
-                             parse_max_memory, plan_device_map, read_device_map)
+from cogvlm.cli.options import Parser, add_loading_flags, load_options
+from cogvlm.loading import LoadOptions
+from cogvlm.loading.placement import (choose_setting, describe_plan, parse_max_memory, plan_device_map,
+                                      read_device_map)
 from cogvlm.errors import SettingsError
 from cogvlm.generation import KVCache
-from cogvlm.model.cogvlm import CogVLMForCausalLM
-from cogvlm.weights import load_model
+from cogvlm import CogVLMForCausalLM
 
 GiB = 2**30
 CASES = ["batch_mixed", "chat_img_hist"]   # images and text, padding, two rows
@@ -58,7 +58,7 @@ def model_bytes(config) -> int:
 def test_cpu_and_disk_map_equals_no_map(reference_dir, reference_model, reference_tensors, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "disk", "model.vision": "disk", "lm_head": "cpu"}
-    model = load_model(reference_dir, device_map=device_map, offload_folder=tmp_path)
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, device_map=device_map, offload_folder=tmp_path)
     assert model.model.layers[1].mlp.language_mlp.up_proj.weight.device.type == "meta"   # offloaded
     assert model.model.layers[0].mlp.language_mlp.up_proj.weight.device.type == "cpu"
     assert not any(tmp_path.iterdir())   # safetensors: read from the checkpoint itself, never copied
@@ -69,7 +69,7 @@ def test_cpu_and_disk_map_equals_no_map(reference_dir, reference_model, referenc
 
 def test_planned_cpu_disk_split(reference_dir, reference_model, reference_tensors):
     budget = {"cpu": model_bytes(reference_model.config) // 2}
-    model = load_model(reference_dir, device_map="sequential", max_memory=budget)
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, device_map="sequential", max_memory=budget)
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     assert_same_outputs(model, reference_model, reference_tensors)
 
@@ -133,13 +133,11 @@ def test_choose_setting_falls_back():
 
 
 def test_flags_and_kwargs(tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    add_deploy_flags(parser)
+    parser = Parser()
+    add_loading_flags(parser, device_default="cpu")
     args = parser.parse_args(["--device-map", "auto", "--max-memory", "0=24GiB,cpu=1.5GB", "--quantize", "int8"])
-    assert deploy_kwargs(args) == {"device": "cpu", "device_map": "auto", "offload_folder": None,
-                                   "max_memory": {0: 24 * GiB, "cpu": 1_500_000_000},
-                                   "quantize": "int8", "quantize_vision": False}
+    assert load_options(args, progress=False) == LoadOptions(
+        device="cpu", device_map="auto", max_memory={0: 24 * GiB, "cpu": 1_500_000_000}, quantize="int8")
     (tmp_path / "map.json").write_text('{"": "cpu"}')
     assert read_device_map(str(tmp_path / "map.json")) == {"": "cpu"}
     with pytest.raises(SettingsError):
@@ -150,4 +148,4 @@ def test_flags_and_kwargs(tmp_path):
 
 def test_quantised_layers_are_not_offloaded(reference_dir):
     with pytest.raises(SettingsError, match="offloaded"):
-        load_model(reference_dir, device_map={"": "disk"}, quantize="int8")
+        CogVLMForCausalLM.from_pretrained(reference_dir, device_map={"": "disk"}, quantize="int8")

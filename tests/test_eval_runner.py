@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 from cogvlm.errors import CogVLMError
-from cogvlm.eval import cli_main, get_task, load_items, run, summary_table
+from cogvlm.cli import main
+from cogvlm.eval import get_task, load_items, run, summary_table
+
+
+def cli_main(argv: list[str]) -> int:
+    return main(["eval", *argv])
 
 GQA_ANSWERS = ["yes", "no", "left", "red", "two", "yes", "cat"]
 

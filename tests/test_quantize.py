@@ -20,9 +20,12 @@ import json
 import pytest
 import torch
 
+from cogvlm import CogVLMForCausalLM
+
 from cogvlm.errors import CheckpointError, SettingsError
-from cogvlm.quantize import cli_quantize, quantize_checkpoint, read_quantization
-from cogvlm.weights import load_model
+from cogvlm.cli import main
+from cogvlm.loading.quantize import read_quantization
+from cogvlm.loading.save_quantized import quantize_checkpoint
 
 TOLERANCE = {"int8": 0.03, "int4": 0.30, "nf4": 0.30}
 GENERATED = ("batch_mixed", "chat_img_hist", "vqa_text_hist")   # images, text, padding, history
@@ -59,7 +62,7 @@ def relative_error(got, want):
 @pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
 def test_quantised_close_to_fp32_and_generates(method, reference_dir, reference_model, reference_tensors,
                                                fp32_logits):
-    model = load_model(reference_dir, quantize=method)
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, quantize=method)
     if method == "nf4":   # on CPU it dequantises at every call (a reference path): three cases, no generation
         error = relative_error(run_cases(model, reference_tensors, names=GENERATED)[0],
                                run_cases(reference_model, reference_tensors, names=GENERATED)[0])
@@ -77,14 +80,14 @@ def test_quantised_close_to_fp32_and_generates(method, reference_dir, reference_
 
 
 def test_what_is_quantised(reference_dir):
-    model = load_model(reference_dir, quantize="int8")
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int8")
     layer = model.model.layers[0]
     assert type(layer.mlp.vision_mlp.down_proj.weight).__name__ == "Int8Tensor"
     assert type(layer.self_attn.language_expert_query_key_value.weight).__name__ == "Int8Tensor"
     assert type(model.lm_head.weight) is torch.nn.Parameter                       # never
     assert type(model.model.vision.transformer.layers[0].mlp.fc1.weight) is torch.nn.Parameter   # by default
     assert type(layer.input_layernorm.weight) is torch.nn.Parameter
-    vision = load_model(reference_dir, quantize="int4", quantize_vision=True).model.vision
+    vision = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int4", quantize_vision=True).model.vision
     assert type(vision.transformer.layers[0].attention.dense.weight).__name__ == "Int4OpaqueTensor"
     assert type(vision.linear_proj.gate_proj.weight).__name__ == "Int4OpaqueTensor"
 
@@ -92,21 +95,21 @@ def test_what_is_quantised(reference_dir):
 def test_quantised_with_a_device_map(reference_dir, reference_tensors):
     device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
                   "model.vision": "cpu", "lm_head": "cpu"}
-    mapped = load_model(reference_dir, device_map=device_map, quantize="int8")
-    plain = load_model(reference_dir, quantize="int8")
+    mapped = CogVLMForCausalLM.from_pretrained(reference_dir, device_map=device_map, quantize="int8")
+    plain = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int8")
     torch.testing.assert_close(run_cases(mapped, reference_tensors, names=GENERATED)[0],
                                run_cases(plain, reference_tensors, names=GENERATED)[0], atol=0, rtol=0)
 
 
 def test_saved_checkpoint_round_trip(reference_dir, reference_tensors, tmp_path):
     out = tmp_path / "int8"
-    assert cli_quantize([str(reference_dir), str(out), "--method", "int8", "--max-shard-size", "40KB"]) == 0
+    assert main(["quantize", str(reference_dir), str(out), "--method", "int8", "--max-shard-size", "40KB"]) == 0
     assert len(list(out.glob("model-*.safetensors"))) > 1           # parts of a weight may straddle shards
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["method"] == "int8" and read_quantization(out)["quantize_vision"] is False
     assert (out / "tokenizer.model").is_file() and not (out / "cases.safetensors").exists()
-    saved = load_model(out).state_dict()
-    on_the_fly = load_model(reference_dir, quantize="int8").state_dict()
+    saved = CogVLMForCausalLM.from_pretrained(out).state_dict()
+    on_the_fly = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int8").state_dict()
     assert saved.keys() == on_the_fly.keys()
     for name, tensor in on_the_fly.items():   # the same quantised data and scales, bit for bit
         assert type(saved[name]) is type(tensor), name
@@ -115,7 +118,7 @@ def test_saved_checkpoint_round_trip(reference_dir, reference_tensors, tmp_path)
             got, want = (getattr(t, part) if part else t for t in (saved[name], tensor))
             assert torch.equal(got, want), (name, part)
     with pytest.raises(SettingsError, match="quantised with int8"):
-        load_model(out, quantize="int4")
+        CogVLMForCausalLM.from_pretrained(out, quantize="int4")
     with pytest.raises(CheckpointError, match="already quantised"):
         quantize_checkpoint(out, tmp_path / "again", "int8")
 
@@ -135,7 +138,7 @@ def test_unknown_quantization_config(reference_dir, tmp_path):
 def test_bitsandbytes_module_swap():
     """The CUDA nf4 path's module swap, run where bitsandbytes also has CPU kernels (>= 0.45)."""
     pytest.importorskip("bitsandbytes")
-    from cogvlm.quantize import _bnb_nf4
+    from cogvlm.loading.quantize import _bnb_nf4
 
     linear = torch.nn.Linear(64, 128, bias=True)
     x = torch.randn(3, 64)
@@ -149,14 +152,14 @@ def test_bitsandbytes_module_swap():
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
 def test_cuda_quantised_close_to_fp32(method, reference_dir, reference_tensors, fp32_logits):
-    model = load_model(reference_dir, dtype="bfloat16", device="cuda", quantize=method)
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="bfloat16", device="cuda", quantize=method)
     logits = run_cases(model, reference_tensors)[0].cpu()
     assert relative_error(logits, fp32_logits) < TOLERANCE[method] + 0.02   # + bf16's own ~1 %
 
 
 @pytest.mark.gpu
 def test_cuda_fp16_close_to_fp32(reference_dir, reference_tensors, fp32_logits):
-    model = load_model(reference_dir, dtype="float16", device="cuda")
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="float16", device="cuda")
     assert relative_error(run_cases(model, reference_tensors)[0].cpu(), fp32_logits) < 0.01
 
 
@@ -164,7 +167,7 @@ def test_cuda_fp16_close_to_fp32(reference_dir, reference_tensors, fp32_logits):
 def test_cuda_map_with_cpu_offload(reference_dir, reference_model, reference_tensors):
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
                   "model.norm": 0, "model.vision": "cpu", "lm_head": 0}
-    model = load_model(reference_dir, device_map=device_map)
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, device_map=device_map)
     logits, outputs = run_cases(model, reference_tensors, generate=True)
     torch.testing.assert_close(logits.cpu(), run_cases(reference_model, reference_tensors)[0], atol=1e-4, rtol=0)
     for name, out in outputs.items():

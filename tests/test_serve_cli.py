@@ -12,22 +12,22 @@ import time
 import httpx
 import pytest
 
-from cogvlm.serve import cli_main
+from cogvlm.cli import main
 
-LAUNCH = "import sys; from cogvlm.serve import cli_main; sys.exit(cli_main(sys.argv[1:]))"
+LAUNCH = "import sys; from cogvlm.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"
 
 
 @pytest.mark.parametrize("argv", [["--model", "/nonexistent"], ["--max-batch", "0"], ["--max-queue", "-1"],
                                   ["--timeout", "0"], ["--port", "http"], ["--bogus"]])
 def test_bad_arguments_exit_2(argv, reference_dir, capsys):
     argv = argv if argv[0] == "--model" else ["--model", str(reference_dir), *argv]
-    assert cli_main(argv) == 2
+    assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err
     assert "error:" in error and len(error.strip().splitlines()) == 1
 
 
 def test_help(capsys):
-    assert cli_main(["--help"]) == 0
+    assert main(["serve", "--help"]) == 0
     assert "--allow-remote-images" in capsys.readouterr().out
 
 

@@ -23,7 +23,12 @@ from safetensors.torch import load_file
 
 from cogvlm import PRESETS, CogVLMForCausalLM, synthetic
 from cogvlm.prompts import build_conversation_input_ids
-from cogvlm.train import checkpoint, cli_main, data, load_config, run
+from cogvlm.cli import main
+from cogvlm.train import checkpoint, data, load_config, run
+
+
+def train_cli(argv: list[str]) -> int:
+    return main(["train", *argv])
 from cogvlm.train.config import TrainError
 from cogvlm.train.loop import MetricsLog, lr_factor
 from cogvlm.train.modes import PARTS, apply_mode, build_model, matches, param_groups
@@ -361,7 +366,7 @@ def test_lora_merge_equals_the_unmerged_model(mode_runs, tmp_path, reference_ten
     from peft import PeftModel
 
     ckpt = mode_runs["lora"]
-    assert cli_main(["merge", str(ckpt), str(tmp_path / "merged")]) == 0
+    assert train_cli(["merge", str(ckpt), str(tmp_path / "merged")]) == 0
     merged = CogVLMForCausalLM.from_pretrained(tmp_path / "merged")
     unmerged = PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(REFERENCE), str(ckpt)).eval()
     base = CogVLMForCausalLM.from_pretrained(REFERENCE)
@@ -403,14 +408,15 @@ def test_resume_continues_exactly(tmp_path):
 
 _SLOW_SAVE = """
 import sys, time
-from cogvlm.train import checkpoint, cli_main
+from cogvlm.cli import main
+from cogvlm.train import checkpoint
 original = checkpoint.save_weights
 def slow(model, folder, *args):
     original(model, folder, *args)
     if folder.name == ".tmp-step-4":
         time.sleep(120)  # killed here, mid-save
 checkpoint.save_weights = slow
-sys.exit(cli_main(sys.argv[1:]))
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -442,7 +448,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-_LAUNCH = "import sys\nfrom cogvlm.train import cli_main\nsys.exit(cli_main(sys.argv[1:]))\n"
+_LAUNCH = "import sys\nfrom cogvlm.cli import main\nsys.exit(main([\"train\", *sys.argv[1:]]))\n"
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -483,7 +489,7 @@ def test_cli_trains_with_bf16_checkpointing_eval_and_keep_last(tmp_path):
     argv = [str(tmp_path / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "3", "--mixed_precision", "bf16",
             "--gradient_checkpointing", "--save_every", "1", "--keep_last", "2", "--eval_every", "2",
             "--lr", "1e-3", "--num_workers", "1"]
-    assert cli_main(argv) == 0
+    assert train_cli(argv) == 0
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-2", "step-3"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -499,10 +505,10 @@ def test_cli_trains_with_bf16_checkpointing_eval_and_keep_last(tmp_path):
 
 def test_cli_reports_bad_settings_in_one_line(tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config(tmp_path / "run")))
-    assert cli_main([str(tmp_path / "cfg.yaml"), "--mode", "sideways"]) == 2
-    assert cli_main([str(tmp_path / "cfg.yaml"), "--max_steps", "many"]) == 2
-    assert cli_main([str(tmp_path / "cfg.yaml"), "--no_such_key", "1"]) == 2
-    assert cli_main([str(tmp_path / "missing.yaml")]) == 2
+    assert train_cli([str(tmp_path / "cfg.yaml"), "--mode", "sideways"]) == 2
+    assert train_cli([str(tmp_path / "cfg.yaml"), "--max_steps", "many"]) == 2
+    assert train_cli([str(tmp_path / "cfg.yaml"), "--no_such_key", "1"]) == 2
+    assert train_cli([str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert "mode 'sideways'" in err and "--max_steps: cannot read 'many'" in err and "missing.yaml" in err
     with pytest.raises(TrainError, match="unknown config key"):

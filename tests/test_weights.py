@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cogvlm import CheckpointError, CogVLMForCausalLM
-from cogvlm.weights import SAFE_INDEX, parse_size
+from cogvlm.loading.files import SAFE_INDEX, parse_size
 
 
 @pytest.fixture()
@@ -48,8 +48,26 @@ def test_round_trip_sharded_official_layout(tmp_path, reference_model, reference
     assert set(index["weight_map"]) == set(official)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     expected = json.loads((reference_dir / "config.json").read_text())
+    assert "auto_map" in expected and not list(reference_dir.glob("*.py"))
+    expected.pop("auto_map")   # it names remote-code files this folder does not have
     assert config == expected
     _assert_same(reference_model, CogVLMForCausalLM.from_pretrained(tmp_path / "out"))
+
+
+def test_save_keeps_remote_code_and_auto_map(folder, tmp_path):
+    """A folder that loaded with the official code still does after a save: its .py files come
+    along and auto_map stays; the generation config is the source's own."""
+    code = {"configuration_cogvlm.py": "# config code\n", "modeling_cogvlm.py": "# model code\n",
+            "visual.py": "# vision code\n"}
+    for name, text in code.items():
+        (folder / name).write_text(text)
+    (folder / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6}')
+    CogVLMForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert {p.name: p.read_text() for p in saved.glob("*.py")} == code
+    assert json.loads((saved / "config.json").read_text())["auto_map"] == json.loads(
+        (folder / "config.json").read_text())["auto_map"]
+    assert json.loads((saved / "generation_config.json").read_text()) == {"do_sample": True, "temperature": 0.6}
 
 
 def test_bin_checkpoint(folder, reference_model):

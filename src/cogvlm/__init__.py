@@ -7,7 +7,7 @@ D decoder width, Dv ViT width, H heads, K head dim, V vocabulary.
 from .config import PRESETS, CogVLMConfig, VisionConfig, get_preset
 from .errors import CheckpointError, CogVLMError, ImageError, PromptError, SettingsError
 from .generation import GenerationConfig
-from .model import CogVLMForCausalLM
+from .dropin import CogVLMForCausalLM
 from .pipeline import GroundingResult, Pipeline, load
 from .tokenizer import load_tokenizer
 

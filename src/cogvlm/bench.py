@@ -23,13 +23,13 @@ from PIL import Image
 
 from .config import get_preset
 from .generation import BatchDecoder, GenerationConfig
-from .model import CogVLMForCausalLM
+from .dropin import CogVLMForCausalLM
 from .prompts import build_conversation_input_ids, collate
-from .weights import resolve_dtype
+from .loading.files import resolve_dtype
 
 _LOAD_PROBE = """
 import re, sys, time
-from cogvlm.weights import load_model
+from cogvlm.loading import load_model
 
 def status(field):  # kB figures of this process (Linux): VmRSS now, VmHWM its peak
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024

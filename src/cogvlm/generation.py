@@ -15,7 +15,7 @@ import torch
 
 from .config import LANGUAGE_TOKEN_TYPE
 from .errors import SettingsError
-from .model.cogvlm import execution_device
+from .loading.placement import execution_device
 from .model.positions import build_position_ids
 
 
@@ -125,7 +125,7 @@ class BatchDecoder:
                  eos_token_id: int | Sequence[int] | None) -> None:
         self.model, self.configs = model, list(configs)
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-        device = model.device
+        device = execution_device(model.model.embed_tokens)
         self.batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         b, t = self.batch["input_ids"].shape
         self.max_len = t + max(c.max_new_tokens for c in self.configs)
@@ -160,7 +160,7 @@ class BatchDecoder:
     def __iter__(self) -> Iterator[dict[int, int]]:
         b, t = self.batch["input_ids"].shape
         cache = KVCache(self.model, b, self.max_len)
-        mask = torch.zeros(b, self.max_len, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros(b, self.max_len, dtype=torch.long, device=execution_device(self.model.model.embed_tokens))
         mask[:, :t] = self.batch["attention_mask"]
         logits, positions = prefill(self.model, self.batch, cache)
         positions = positions[:, -1]

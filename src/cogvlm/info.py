@@ -6,19 +6,12 @@ from pathlib import Path
 
 import torch
 
-from .config import CogVLMConfig, get_preset
+from .config import CogVLMConfig
+from .loading import resolve_config
 from .model import CogVLMForCausalLM
 
 #: Bytes per parameter for weight memory estimates (int4 packs two weights per byte).
 BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
-
-
-def resolve_config(folder_or_preset: str | Path) -> tuple[CogVLMConfig, str]:
-    """A config.json folder, or else a preset name."""
-    path = Path(folder_or_preset)
-    if path.is_dir():
-        return CogVLMConfig.from_json(path / "config.json"), str(path)
-    return get_preset(str(folder_or_preset)), f"preset {folder_or_preset}"
 
 
 def parameter_counts(config: CogVLMConfig) -> dict[str, int]:

@@ -6,27 +6,21 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import CheckpointError, PromptError
+from .errors import PromptError
 from .generation import BatchDecoder, GenerationConfig
 from .grounding import Box, parse_boxes
 from .image import ImageInput, load_image
 from .prompts import History, build_conversation_input_ids, collate
 from .streaming import TextStream
-from .tokenizer import load_tokenizer
-from .weights import load_model
-
-#: The shipped default model (trained by this project on synthetic scenes), inside the package.
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-shapes"
-#: The official demos generate up to max_length=2048 tokens, prompt (image tokens too) included.
-CONTEXT_LENGTH = 2048
-
+from . import loading
+from .dropin import CogVLMForCausalLM
+from .loading import DEFAULT_MODEL, LoadOptions
 
 @dataclass
 class GroundingResult:
@@ -41,38 +35,15 @@ class GroundingResult:
         return {"text": self.text, "boxes": [b.to_dict(self.width, self.height) for b in self.boxes]}
 
 
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' -> cuda, else mps, else cpu."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CheckpointError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
-
-
-def pick_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype | str:
-    """None -> bf16 on CUDA cards that have it, fp16 (with a warning) on older ones, fp32 elsewhere."""
-    if dtype is not None:
-        return dtype
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        warnings.warn("this GPU has no bfloat16: using float16, which may overflow on long answers")
-        return torch.float16
-    return torch.float32
-
-
 class Pipeline:
     """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes."""
 
-    def __init__(self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None,
+                 context_length: int | None = None) -> None:
+        """`context_length` caps prompt + answer (default: config.max_position_embeddings)."""
         self.model, self.tokenizer = model, tokenizer
-        self.generation = generation or GenerationConfig(max_new_tokens=CONTEXT_LENGTH)
+        self.context_length = context_length or model.config.max_position_embeddings
+        self.generation = generation or GenerationConfig(max_new_tokens=self.context_length)
 
     # ---- building requests --------------------------------------------------------------------
 
@@ -89,10 +60,10 @@ class Pipeline:
         config = self.generation.replace(**gen)
         if stop is not None:
             config = config.replace(stop=(stop,) if isinstance(stop, str) else tuple(stop))
-        room = CONTEXT_LENGTH - len(sample["input_ids"])
+        room = self.context_length - len(sample["input_ids"])
         if room < 1:
             raise PromptError(f"prompt too long: {len(sample['input_ids'])} tokens, the context is "
-                              f"{CONTEXT_LENGTH} (an image takes {self.model.config.image_tokens})")
+                              f"{self.context_length} (an image takes {self.model.config.image_tokens})")
         return config.replace(max_new_tokens=min(config.max_new_tokens, room))
 
     # ---- running -----------------------------------------------------------------------------
@@ -151,19 +122,23 @@ class Pipeline:
         return GroundingResult(text, parse_boxes(text), picture.width, picture.height)
 
 
-def load(model: str | Path | None = None, tokenizer: str | Path | Any | None = None,
+def load(model: str | Path | LoadOptions | None = None, tokenizer: str | Path | Any | None = None,
          device: str | torch.device | None = "auto", dtype: torch.dtype | str | None = None,
-         progress: bool = False, **placement: Any) -> Pipeline:
-    """Load a model folder (default: the shipped tiny model) and its tokenizer into a Pipeline.
-    `placement`: load_model's device_map, max_memory, offload_folder, quantize, quantize_vision."""
-    folder = Path(model) if model is not None else DEFAULT_MODEL
-    if model is None and not (folder / "config.json").is_file():
-        raise CheckpointError("the default model is not in this installation; pass a model folder")
-    where = pick_device(device)
-    net = load_model(folder, dtype=pick_dtype(where, dtype), device=where, progress=progress, **placement)
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer or folder)
-    return Pipeline(net, tokenizer)
+         progress: bool = False, **options: Any) -> Pipeline:
+    """Load a model (folder or hub id; default: the shipped tiny model) and its tokenizer into a
+    Pipeline. `options`: the other `LoadOptions` fields (revision, local_files_only, device_map,
+    max_memory, offload_folder, quantize, quantize_vision); or pass one `LoadOptions` as `model`.
+    Generation defaults come from the folder's generation_config.json, as transformers reads it."""
+    if not isinstance(model, LoadOptions):
+        model = LoadOptions(model=model, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress,
+                            **options)
+    loaded = loading.load(model, model_class=CogVLMForCausalLM)
+    defaults = dict(loaded.generation)
+    context = min(loaded.model.config.max_position_embeddings, defaults.pop("max_length", 10**9))
+    defaults.setdefault("max_new_tokens", context)
+    vlm = Pipeline(loaded.model, loaded.tokenizer, GenerationConfig(**defaults), context)
+    vlm.folder, vlm.placement = loaded.folder, loaded.placement
+    return vlm
 
 
-__all__ = ["Pipeline", "GroundingResult", "load", "DEFAULT_MODEL", "pick_device", "pick_dtype"]
+__all__ = ["Pipeline", "GroundingResult", "load", "LoadOptions", "DEFAULT_MODEL"]

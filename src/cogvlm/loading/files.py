@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from .config import CogVLMConfig
-from .errors import CheckpointError
-from .fileio import atomic_write, write_json
+from ..config import CogVLMConfig
+from ..errors import CheckpointError
+from ..fileio import atomic_write, atomic_write_bytes, write_json
 
 if TYPE_CHECKING:
-    from .model.cogvlm import CogVLMForCausalLM
+    from ..model.cogvlm import CogVLMForCausalLM
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -80,6 +79,14 @@ def iter_tensors(path: Path, device: torch.device | Callable[[str], torch.device
     full-precision tensor is freed once quantised instead of staying resident as mapped pages).
     """
     place = device if callable(device) else (lambda name: device)
+    for name, tensor in _read(path, place, dtype, mmap):
+        # Placement errors (no such device, out of memory) are the caller's, not the file's.
+        yield name, tensor.to(device=place(name), dtype=dtype if tensor.is_floating_point() else None)
+
+
+def _read(path: Path, place: Callable[[str], torch.device], dtype: torch.dtype | None,
+          mmap: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) pairs as stored; a file that cannot be read is named as corrupt."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
@@ -90,22 +97,17 @@ def iter_tensors(path: Path, device: torch.device | Callable[[str], torch.device
                          and floats <= {_SAFE_DTYPES.get(dtype)})
             with safe_open(str(path), framework="pt", backend="mmap" if zero_copy else "pread") as f:
                 for name in names:
-                    yield name, _cast(f.get_tensor(name), place(name), dtype)
+                    yield name, f.get_tensor(name)
         else:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: not a state dict")
-            for name, tensor in state.items():
-                yield name, _cast(tensor, place(name), dtype)
-    except CheckpointError:
+            yield from state.items()
+    except (CheckpointError, GeneratorExit):
         raise
     except Exception as e:  # safetensors / pickle errors carry no file name; add it
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: corrupt or truncated weight file ({reason})") from None
-
-
-def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -128,62 +130,6 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
         problems.append(f"wrong shape {len(wrong)}: {_names(wrong)}")
     if problems:
         raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems))
-
-
-def load_model(folder: str | Path, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, *, progress: bool = False,
-               low_cpu_mem_usage: bool = True, trust_remote_code: bool = True,
-               device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
-               offload_folder: str | Path | None = None, quantize: str | None = None,
-               quantize_vision: bool = False) -> "CogVLMForCausalLM":
-    """Build on the meta device, then fill every tensor straight from the memory-mapped files.
-
-    `dtype` None keeps float32 (as transformers does); 'auto' uses config.json's torch_dtype.
-    `progress` shows a bar (stderr) over the tensors read.
-    The official call's `low_cpu_mem_usage` and `trust_remote_code` are accepted and have no
-    effect: loading is always lean and there is no remote code.
-    `device_map` ('auto', 'balanced', 'sequential' or a dict; replaces `device`), `max_memory`,
-    `offload_folder`, `quantize` ('int8', 'int4', 'nf4') and `quantize_vision`: see
-    `cogvlm.dispatch.load_placed`; a folder written by `cogvlm quantize` is detected by itself.
-    """
-    from .model.cogvlm import CogVLMForCausalLM
-    from .model.decoder import rotary_inv_freq
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a model folder")
-    config = CogVLMConfig.from_json(folder / "config.json")
-    dtype = resolve_dtype(dtype, config)
-    # ---- device maps and quantisation live in cogvlm.dispatch / cogvlm.quantize --------------
-    from .quantize import read_quantization
-
-    if device_map is not None or quantize is not None or read_quantization(folder) is not None:
-        from .dispatch import load_placed
-        return load_placed(folder, config, dtype, device, device_map=device_map, max_memory=max_memory,
-                           offload_folder=offload_folder, quantize=quantize,
-                           quantize_vision=quantize_vision, progress=progress)
-    # ------------------------------------------------------------------------------------------
-    device = torch.device(device or "cpu")
-    files = weight_files(folder)
-    with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    state: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress,
-               leave=False)
-    for path in files:
-        for name, tensor in iter_tensors(path, device, dtype):
-            state[name] = tensor
-            bar.update()
-    bar.close()
-    check_keys(expected, {k: v.shape for k, v in state.items()}, str(files[0].parent / files[0].name)
-               if len(files) == 1 else f"{folder} ({len(files)} shards)")
-    for name in expected:  # checkpoints without inv_freq: compute it as the official init would
-        if name.endswith(_INV_FREQ) and name not in state:
-            state[name] = rotary_inv_freq(config.head_dim, dtype).to(device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
 
 
 def parse_size(size: int | str) -> int:
@@ -227,14 +173,35 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     write_json(folder / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def save_model(model: "CogVLMForCausalLM", folder: str | Path, max_shard_size: int | str = "5GB") -> None:
-    """config.json, generation_config.json and the weights, in the official layout."""
+def config_dict(config: CogVLMConfig, folder: Path) -> dict[str, Any]:
+    """config.json's content for `folder`: `auto_map` only when the remote-code files it names are there."""
+    data = config.to_dict()
+    named = {ref.split(".")[0] + ".py" for ref in data.get("auto_map", {}).values()}
+    if not all((folder / name).is_file() for name in named):
+        data.pop("auto_map", None)
+    return data
+
+
+def save_model(model: "CogVLMForCausalLM", folder: str | Path, max_shard_size: int | str = "5GB",
+               source: str | Path | None = None) -> None:
+    """config.json, generation_config.json and the weights, in the official layout.
+
+    `source` (default: the folder the model was loaded from) lends its remote-code `.py` files and
+    its generation_config.json. config.json keeps `auto_map` only when the files it names are in
+    `folder` after that, so a folder that loaded with the official code before still does, and
+    one that never had that code does not point at files that are not there."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    source = Path(source or getattr(model, "name_or_path", "") or folder)
     config = model.config.replace(torch_dtype=str(model.dtype).replace("torch.", ""))
     save_state_dict(model.state_dict(), folder, max_shard_size)
-    write_json(folder / "config.json", config.to_dict())
-    write_json(folder / "generation_config.json", {
-        "_from_model_config": True, "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-        "transformers_version": "4.35.0"})
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                  "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+                  "transformers_version": "4.35.0"}
+    if source.is_dir() and source.resolve() != folder.resolve():
+        for code in source.glob("*.py"):
+            atomic_write_bytes(folder / code.name, code.read_bytes())
+        if (source / "generation_config.json").is_file():
+            generation = json.loads((source / "generation_config.json").read_text())
+    write_json(folder / "config.json", config_dict(config, folder))
+    write_json(folder / "generation_config.json", generation)

@@ -10,10 +10,8 @@ hooks move activations between devices. `choose_setting` picks what fits a GPU b
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,13 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import CogVLMConfig
-from .errors import SettingsError
-from .model.cogvlm import CogVLMForCausalLM
-from .model.decoder import rotary_inv_freq
+from ..config import CogVLMConfig
+from ..errors import SettingsError
+from ..model.cogvlm import CogVLMForCausalLM
+from ..model.decoder import rotary_inv_freq
 from .quantize import (METHODS, check_method, is_target, iter_quantized_checkpoint, quantize_module,
                        quantized_dtypes, quiet_logs, read_quantization, release_freed_memory, weight_bytes)
-from .weights import check_keys, iter_tensors, parse_size, weight_files
+from .files import check_keys, iter_tensors, parse_size, weight_files
 
 #: Modules a plan never splits: the official two, plus the patch embedding (its position table
 #: is read, not called, so it must sit with the module that reads it) and the small GLU adapter
@@ -36,16 +34,8 @@ from .weights import check_keys, iter_tensors, parse_size, weight_files
 NO_SPLIT = ["CogVLMDecoderLayer", "TransformerLayer", "PatchEmbedding", "GLU"]
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 GPU_SHARE = 0.9  # of a GPU's free memory, for weights when no max_memory is given (as transformers)
-CONTEXT = 2048  # the official context length: the KV cache a GPU must hold besides the weights
 
 DeviceMap = dict[str, Any]
-
-
-def _max_memory_flag(text: str) -> dict[int | str, int]:
-    try:
-        return parse_max_memory(text)
-    except ValueError as e:   # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
@@ -105,42 +95,76 @@ def _vision_glue(device_map: DeviceMap) -> DeviceMap:
     return device_map
 
 
-def _entry(device_map: DeviceMap, name: str) -> str:
-    """The map key covering tensor `name` (the longest module prefix)."""
+def _entry(device_map: DeviceMap, name: str) -> str | None:
+    """The map key covering tensor `name` (the longest module prefix), None when none does."""
     parts = name.split(".")
     keys = (".".join(parts[:i]) for i in range(len(parts), -1, -1))
-    key = next((k for k in keys if k in device_map), None)
-    if key is None:
-        raise SettingsError(f"the device map does not place '{name}'")
-    return key
+    return next((k for k in keys if k in device_map), None)
+
+
+def check_device_map(model: nn.Module, device_map: DeviceMap) -> None:
+    """Every tensor placed, every device real: one error naming the modules a map leaves out."""
+    left_out = sorted({name.rpartition(".")[0] for name in model.state_dict() if _entry(device_map, name) is None})
+    if left_out:
+        raise SettingsError(f"the device map places no device for {len(left_out)} module(s): {_compress(left_out)} "
+                            "(add them, or an entry for a module that holds them)")
+    for value in set(device_map.values()):
+        if value != "disk":
+            check_device(torch.device("cuda", value) if isinstance(value, int) else value)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine and torch build have it; else one line saying why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingsError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise SettingsError(f"device {device} asked for, but this torch ({torch.__version__}) is a CPU-only "
+                                "build: install a CUDA build of torch (pytorch.org) or use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SettingsError(f"device {device} asked for, but no CUDA GPU is visible "
+                                "(driver, CUDA_VISIBLE_DEVICES?): use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise SettingsError(f"device {device} does not exist: this machine has {count} GPU(s), cuda:0..{count - 1}")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SettingsError(f"device {device} asked for, but MPS is not available on this machine: use --device cpu")
+    return device
 
 
 def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: str | torch.device | None = None,
                 *, device_map: str | DeviceMap | None = None, max_memory: dict[Any, Any] | None = None,
                 offload_folder: str | Path | None = None, quantize: str | None = None,
-                quantize_vision: bool = False, progress: bool = False) -> CogVLMForCausalLM:
-    """Load `folder` placed by `device_map` (None: everything on `device`) and, with `quantize`,
-    quantise each layer as its weight arrives; a saved quantised checkpoint loads as it was saved.
+                quantize_vision: bool = False, progress: bool = False,
+                model_class: type[nn.Module] = CogVLMForCausalLM) -> nn.Module:
+    """Build `model_class` on the meta device and fill it from `folder`'s memory-mapped files,
+    placed by `device_map` (None: everything on `device`); with `quantize`, each layer is
+    quantised as its weight arrives; a saved quantised checkpoint loads as it was saved.
     Quantised layers cannot be offloaded (their kernels run where they live)."""
     saved = read_quantization(folder)
     if saved is not None and quantize not in (None, saved["method"]):
-        raise SettingsError(f"{folder} is quantised with {saved['method']}, not {quantize}")
+        raise SettingsError(f"{folder} is quantised with {saved['method']}, not {quantize}: "
+                            f"drop --quantize or load the full-precision folder")
     if saved is not None:
         quantize, quantize_vision = saved["method"], saved["quantize_vision"]
     quantize = quantize and check_method(quantize)
     files = weight_files(folder)
     with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
+        model = model_class(config)
     if device_map is None:
-        device_map = {"": str(torch.device(device or "cpu"))}
+        device_map = {"": str(check_device(device or "cpu"))}
     elif isinstance(device_map, str):
         device_map = plan_device_map(model, device_map, max_memory, dtype, quantize, quantize_vision)
+    check_device_map(model, device_map)
     main = main_device(device_map)
     offloaded = {"disk"} if main == "cpu" else {"cpu", "disk"}
     if quantize is not None and offloaded & set(device_map.values()):
         raise SettingsError(f"a {quantize} model cannot be offloaded ({sorted(offloaded)} in the device map): "
                             "give the GPUs more max_memory or use a smaller quantisation")
     buffers = {name for name, _ in model.named_buffers()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
 
     def place(path: Path, name: str) -> torch.device:
         value = device_map[_entry(device_map, name)]
@@ -159,39 +183,56 @@ def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: 
     else:  # pread when quantising: a full-precision tensor is freed once quantised
         stream = ((p, n, t) for p in files
                   for n, t in iter_tensors(p, partial(place, p), dtype, mmap=quantize is None))
-    for path, name, tensor in stream:
-        bar.update()
-        found[name] = tensor.shape
-        if expected.get(name) != tensor.shape:
-            continue  # reported with every other mismatch by check_keys below
-        if device_map[_entry(device_map, name)] == "disk" and name not in buffers:
-            index.update(_offload(path, name, tensor, dtype, offload_folder))
-            continue
-        module_name, module = _assign(model, name, tensor)
-        if quantize and not saved and name.endswith(".weight") and is_target(module_name, module, quantize_vision):
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_module(module, quantize))
-            release_freed_memory()
-    bar.close()
+    try:
+        for path, name, tensor in stream:
+            bar.update()
+            found[name] = tensor.shape
+            if expected.get(name) != tensor.shape:
+                continue  # reported with every other mismatch by check_keys below
+            if device_map[_entry(device_map, name)] == "disk" and name not in buffers:
+                index.update(_offload(path, name, tensor, dtype, offload_folder))
+                continue
+            module_name, module = _assign(model, name, tensor, name in trainable and not quantize)
+            if quantize and not saved and name.endswith(".weight") and is_target(module_name, module, quantize_vision):
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, quantize_module(module, quantize))
+                release_freed_memory()
+    except torch.OutOfMemoryError:
+        raise SettingsError(_out_of_memory(model, config, dtype, device_map, quantize, quantize_vision)) from None
+    finally:
+        bar.close()
     check_keys(expected, found, f"{folder} ({len(files)} weight file{'s' * (len(files) > 1)})")
     for name in expected.keys() - found.keys():  # inv_freq, computed as the official init would
-        _assign(model, name, rotary_inv_freq(config.head_dim, dtype).to(place(files[0], name)))
+        inv_freq = rotary_inv_freq(config.head_dim, dtype, config.rope_theta)
+        _assign(model, name, inv_freq.to(place(files[0], name)), False)
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():
         from accelerate import dispatch_model
         dispatch_model(model, device_map, main_device=main, offload_dir=offload_folder,
                        offload_index=index or None)
-    model.hf_device_map = dict(device_map)
+    if set(device_map) != {""}:   # as transformers: only a mapped model has one (peft reads it)
+        model.hf_device_map = dict(device_map)
     return model.eval()
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> tuple[str, nn.Module]:
-    """Put a tensor in place of the meta one (inference: parameters need no gradient)."""
+def _out_of_memory(model: nn.Module, config: CogVLMConfig, dtype: torch.dtype, device_map: DeviceMap,
+                   quantize: str | None, quantize_vision: bool) -> str:
+    """What ran out, what the weights need, and the setting `choose_setting` finds for what is free."""
+    need = weight_bytes(model, torch.finfo(dtype).bits // 8, quantize, quantize_vision)
+    where = ", ".join(sorted({str(v) for v in device_map.values()}))
+    _, advice = choose_setting(config, free_memory(), dtype)
+    return (f"out of memory loading the weights on {where}: they need {need / 2**30:.2f} GiB "
+            f"({str(dtype).replace('torch.', '')}{', ' + quantize if quantize else ''}); for the memory free now: "
+            f"{advice} (pass that as --quantize / --device-map / --max-memory, or use --device auto)")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> tuple[str, nn.Module]:
+    """Put a tensor in place of the meta one (parameters keep whether they train; quantised ones never)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if attr in module._buffers:
         module._buffers[attr] = tensor
     else:
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
     return module_name, module
 
 
@@ -232,8 +273,8 @@ def describe_plan(folder_or_preset: str | Path, device_map: str | DeviceMap = "a
     planned on the meta device (no weights read)."""
     from accelerate.utils import compute_module_sizes
 
-    from .info import resolve_config
-    from .weights import resolve_dtype
+    from . import resolve_config
+    from .files import resolve_dtype
 
     config, source = resolve_config(folder_or_preset)
     dtype = resolve_dtype(dtype, config)
@@ -276,11 +317,12 @@ def _setting(device: str, device_map: str | None = None, max_memory: dict[int | 
 
 
 def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, int],
-                   dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, Any], str]:
+                   dtype: torch.dtype = torch.bfloat16, saved: str | None = None) -> tuple[dict[str, Any], str]:
     """The largest setting that fits the GPUs' free memory ({0: bytes, 1: ..., 'cpu': bytes}):
     `dtype` on one GPU, then a device map over all GPUs, then int8, then 4-bit (int4 on bf16
     GPUs, nf4 on fp16 ones, where tinygemm does not run), then 4-bit with the vision tower too;
-    CPU offload or the CPU as a last resort. Each GPU keeps 10% and the KV cache of a full
+    CPU offload or the CPU as a last resort. A folder already quantised (`saved`, its method) is
+    only ever placed, never quantised another way. Each GPU keeps 10% and the KV cache of a full
     context free. Returns `load_model` keyword arguments and a sentence saying what and why."""
     gpus = sorted(k for k in free_bytes_per_device if isinstance(k, int))
     if not gpus:
@@ -288,13 +330,15 @@ def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, 
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
     size = torch.finfo(dtype).bits // 8
-    kv = 2 * config.num_hidden_layers * CONTEXT * config.hidden_size * size
+    kv = 2 * config.num_hidden_layers * config.max_position_embeddings * config.hidden_size * size
     budgets = {g: int(free_bytes_per_device[g] * GPU_SHARE) - kv // len(gpus) for g in gpus}
     name = str(dtype).replace("torch.", "")
-    full = weight_bytes(model, size)
     four = "int4" if dtype == torch.bfloat16 else "nf4"
+    choices = ((None, False), ("int8", False), (four, False), (four, True)) if saved is None else ((saved, False),)
+    full = weight_bytes(model, size, saved)
+    label = f"{name}{f' ({saved}, as saved)' if saved else ''} weights ({full / 2**30:.1f} GiB)"
     first = f"GPU {gpus[0]} ({free_bytes_per_device[gpus[0]] / 2**30:.1f} GiB free)"
-    for quantize, vision in ((None, False), ("int8", False), (four, False), (four, True)):
+    for quantize, vision in choices:
         need = weight_bytes(model, size, quantize, vision)
         what = f"{quantize or name}{' with the vision tower' if vision else ''} ({need / 2**30:.1f} GiB)"
         if need + kv <= free_bytes_per_device[gpus[0]] * GPU_SHARE:
@@ -304,14 +348,13 @@ def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, 
             setting, where = _setting("cuda", "auto", budgets, quantize, vision), f"{len(gpus)} GPUs"
         else:
             continue
-        fits = quantize is None and setting["device_map"] is None
-        return setting, f"{name} weights ({full / 2**30:.1f} GiB) " + (
-            f"fit {first}" if fits else f"do not fit {first}: using {what} on {where}")
+        fits = quantize == saved and setting["device_map"] is None
+        return setting, f"{label} " + (f"fit {first}" if fits else f"do not fit {first}: using {what} on {where}")
     cpu = int(free_bytes_per_device.get("cpu", 0) * GPU_SHARE)
-    if full <= sum(budgets.values()) + cpu:
+    if saved is None and full <= sum(budgets.values()) + cpu:
         return (_setting("cuda", "auto", {**budgets, "cpu": cpu}),
                 f"even 4-bit weights do not fit the GPUs: {name} with CPU offload (slow)")
-    return _setting("cpu"), "the model fits neither the GPUs nor CPU offload: running on the CPU"
+    return _setting("cpu", quantize=saved), f"{label} fit neither the GPUs nor CPU offload: running on the CPU"
 
 
 def free_memory() -> dict[int | str, int]:
@@ -322,22 +365,9 @@ def free_memory() -> dict[int | str, int]:
             "cpu": psutil.virtual_memory().available}
 
 
-# ---- command-line helpers (wired by cogvlm.cli) ----------------------------------------------
-
-def add_deploy_flags(parser: argparse.ArgumentParser) -> None:
-    """--device-map, --max-memory, --offload-folder, --quantize, --quantize-vision."""
-    g = parser.add_argument_group("placement and quantisation (see docs/deploy.md)")
-    g.add_argument("--device-map", help=f"{', '.join(STRATEGIES)}, or a JSON object or file {{module: device}}")
-    g.add_argument("--max-memory", type=_max_memory_flag, metavar="0=24GiB,1=24GiB,cpu=64GiB",
-                   help="memory budget per device for the plan")
-    g.add_argument("--offload-folder", help="where disk-offloaded weights of .bin checkpoints are copied")
-    g.add_argument("--quantize", choices=METHODS, help="weight-only quantisation while loading")
-    g.add_argument("--quantize-vision", action="store_true", help="quantise the vision tower too")
-
-
-def read_device_map(text: str | None) -> str | DeviceMap | None:
-    """A strategy name, or a map from a JSON object or a JSON file."""
-    if text is None or text in STRATEGIES:
+def read_device_map(text: str | DeviceMap | None) -> str | DeviceMap | None:
+    """A strategy name, or a map from a JSON object or a JSON file (a dict is taken as it is)."""
+    if text is None or isinstance(text, dict) or text in STRATEGIES:
         return text
     try:
         data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
@@ -348,33 +378,14 @@ def read_device_map(text: str | None) -> str | DeviceMap | None:
     return data
 
 
-def deploy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`pipeline.load` / `load_model` keyword arguments (device included) from the deploy flags.
-    With --device auto, no map, no quantisation and a GPU, `choose_setting` decides and the
-    choice is said on stderr."""
-    kwargs = {"device": getattr(args, "device", None), "device_map": read_device_map(args.device_map),
-              "max_memory": args.max_memory, "offload_folder": args.offload_folder,
-              "quantize": args.quantize, "quantize_vision": args.quantize_vision}
-    automatic = kwargs["device"] == "auto" and args.device_map is None and args.quantize is None
-    if automatic and torch.cuda.is_available():
-        from .pipeline import DEFAULT_MODEL
-
-        config_path = Path(getattr(args, "model", None) or DEFAULT_MODEL) / "config.json"
-        if config_path.is_file():   # the dtype pipeline.pick_dtype will use
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            setting, message = choose_setting(CogVLMConfig.from_json(config_path), free_memory(), dtype)
-            print(f"cogvlm: {message}", file=sys.stderr)
-            kwargs.update(setting)
-    return kwargs
-
-
-def cli_info_plan(argv: Sequence[str]) -> int:
-    """`cogvlm info --device-map auto [--max-memory ...] FOLDER_OR_PRESET`: print the plan."""
-    p = argparse.ArgumentParser(prog="cogvlm info", description=cli_info_plan.__doc__)
-    p.add_argument("target", metavar="FOLDER_OR_PRESET")
-    p.add_argument("--dtype", default="bfloat16")
-    add_deploy_flags(p)
-    args = p.parse_args(list(argv))
-    print(describe_plan(args.target, read_device_map(args.device_map) or "auto", args.max_memory, args.dtype,
-                        args.quantize, args.quantize_vision))
-    return 0
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its weight's, or, when accelerate offloaded the weight
+    (left on 'meta'), the execution device of the hook that brings it back for each call."""
+    weight = next(module.parameters())
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # one hook, or accelerate's SequentialHook
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    raise RuntimeError(f"{type(module).__name__} is on the meta device and has no execution device")

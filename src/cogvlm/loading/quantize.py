@@ -8,7 +8,7 @@ Backends are maintained kernels, picked by the device a layer lives on:
   `NF4Tensor` on CPU (dequantises on every call: a portable reference, not a fast path).
 `lm_head` is never quantised (its error lands straight in the logits), and the vision side (ViT
 and adapter) keeps the compute dtype unless `quantize_vision`. Layers are quantised while their
-weights stream in from the memory map (`cogvlm.dispatch.load_placed`), so the full-precision
+weights stream in from the memory map (`cogvlm.loading.placement.load_placed`), so the full-precision
 model never exists. `cogvlm quantize` saves torchao's own safetensors layout where the backend
 can serialise (int8 anywhere, int4 made on CUDA) and records it as `quantization_config` in
 config.json; `load_model` reads that field itself (the config reader ignores it).
@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import CogVLMConfig
-from .errors import CheckpointError, SettingsError
-from .fileio import write_json
-from .weights import BIN_INDEX, SAFE_INDEX, iter_tensors, resolve_dtype, save_state_dict
+from ..config import CogVLMConfig
+from ..errors import CheckpointError, SettingsError
+from ..fileio import write_json
+from .files import BIN_INDEX, SAFE_INDEX, iter_tensors, resolve_dtype, save_state_dict
 
 METHODS = ("int8", "int4", "nf4")
 #: Approximate bytes per quantised weight, scales included (memory estimates and planning).
@@ -191,7 +191,7 @@ def read_quantization(folder: str | Path) -> dict[str, Any] | None:
     return record
 
 
-def _torchao_serialisation() -> tuple[Callable, Callable, Sequence[str]]:
+def torchao_serialisation() -> tuple[Callable, Callable, Sequence[str]]:
     with quiet_logs("torchao", "torch.utils._pytree"):
         from torchao.prototype.safetensors.safetensors_support import (
             flatten_tensor_state_dict, unflatten_tensor_state_dict)
@@ -203,7 +203,7 @@ def iter_quantized_checkpoint(files: Sequence[Path], place: Callable[[str], torc
                               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a saved quantised checkpoint: quantised weights rebuilt by torchao
     from their parts (as they complete, one weight at a time), other tensors cast to `dtype`."""
-    _, unflatten, _ = _torchao_serialisation()
+    _, unflatten, _ = torchao_serialisation()
     metadata: dict[str, str] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -227,70 +227,3 @@ def iter_quantized_checkpoint(files: Sequence[Path], place: Callable[[str], torc
                 yield name, rebuilt[name].to(place(name))
     if parts:
         raise CheckpointError(f"{files[0].parent}: incomplete quantised tensors: {', '.join(sorted(parts))}")
-
-
-def quantize_checkpoint(folder: str | Path, out: str | Path, method: str, *, quantize_vision: bool = False,
-                        dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
-                        max_shard_size: int | str = "5GB", progress: bool = False) -> dict[str, Any]:
-    """Quantise a full-precision folder into `out` (weights, config.json with quantization_config,
-    tokenizer and generation files copied). The model is quantised while it loads; each tensor is
-    then flattened into torchao's parts and freed, so memory peaks near the quantised size."""
-    from .dispatch import load_placed
-
-    folder, out = Path(folder), Path(out)
-    check_method(method)
-    if read_quantization(folder) is not None:
-        raise CheckpointError(f"{folder}: already quantised")
-    if out.resolve() == folder.resolve():
-        raise CheckpointError("write the quantised checkpoint to another folder")
-    config = CogVLMConfig.from_json(folder / "config.json")
-    dtype = resolve_dtype(dtype, config)
-    device = torch.device(device)
-    flatten, _, allowed = _torchao_serialisation()
-    probe = quantize_module(nn.Linear(128, 128, bias=False, device=device, dtype=dtype), method).weight
-    if type(probe).__name__ not in allowed:   # ask the backend itself, before the long load
-        raise SettingsError(f"{method} on {device.type} ({backend_name(method, device)}) cannot be saved "
-                            f"({type(probe).__name__} has no serialisation): quantise while loading "
-                            "(--quantize) instead")
-    model = load_placed(folder, config, dtype, device, quantize=method, quantize_vision=quantize_vision,
-                        progress=progress)
-    state = model.state_dict()
-    del model
-    tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
-    for name in list(state):
-        data, meta = flatten({name: state.pop(name)})   # the original is freed once flattened
-        tensors.update(data)
-        metadata[name] = meta[name]
-    metadata["tensor_names"] = json.dumps(list(metadata))
-    out.mkdir(parents=True, exist_ok=True)
-    save_state_dict(tensors, out, max_shard_size, metadata=metadata)
-    record = {"format": FORMAT, "method": method, "quantize_vision": quantize_vision,
-              "backend": backend_name(method, device)}
-    write_json(out / "config.json", {**config.replace(torch_dtype=str(dtype).replace("torch.", "")).to_dict(),
-                                     "quantization_config": record})
-    for extra in folder.iterdir():  # tokenizer, generation config, README ...
-        if (extra.is_file() and extra.name not in (SAFE_INDEX, BIN_INDEX, "config.json")
-                and extra.suffix not in (".safetensors", ".bin")):
-            shutil.copy2(extra, out / extra.name)
-    return {**record, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-
-
-def cli_quantize(argv: Sequence[str]) -> int:
-    """`cogvlm quantize FOLDER OUT --method int8|int4|nf4`: write a quantised checkpoint folder."""
-    p = argparse.ArgumentParser(prog="cogvlm quantize", description=cli_quantize.__doc__)
-    p.add_argument("folder")
-    p.add_argument("out")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--quantize-vision", action="store_true", help="quantise the vision tower too")
-    p.add_argument("--dtype", default="auto", help="compute dtype of the rest (default: config.json's)")
-    p.add_argument("--device", default="cpu", help="where to quantise (int4 saves only from cuda)")
-    p.add_argument("--max-shard-size", default="5GB")
-    args = p.parse_args(list(argv))
-    t0 = time.perf_counter()
-    summary = quantize_checkpoint(args.folder, args.out, args.method, quantize_vision=args.quantize_vision,
-                                  dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-                                  progress=True)
-    print(f"{args.out}: {summary['method']} ({summary['backend']}), {summary['bytes'] / 2**30:.2f} GiB "
-          f"of weights, written in {time.perf_counter() - t0:.1f} s")
-    return 0

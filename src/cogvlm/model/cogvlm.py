@@ -11,10 +11,8 @@ What is special, in five lines:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,31 +32,6 @@ Images = Sequence[Sequence[torch.Tensor]] | torch.Tensor | None
 class CausalLMOutput:
     logits: torch.Tensor            # (B, T, V) fp32
     loss: torch.Tensor | None = None
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """The device a module computes on: its weight's, or, when accelerate offloaded the weight
-    (left on 'meta'), the execution device of the hook that brings it back for each call."""
-    weight = next(module.parameters())
-    if weight.device.type != "meta":
-        return weight.device
-    hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", [hook]):  # one hook, or accelerate's SequentialHook
-        if getattr(h, "execution_device", None) is not None:
-            return torch.device(h.execution_device)
-    raise RuntimeError(f"{type(module).__name__} is on the meta device and has no execution device")
-
-
-@contextmanager
-def _onloaded(module: nn.Module) -> Iterator[None]:
-    """Bring an offloaded module's weights in for a block in which it is not called (accelerate)."""
-    if getattr(module, "_hf_hook", None) is None:
-        yield
-        return
-    from accelerate.utils import align_module_device
-
-    with align_module_device(module):
-        yield
 
 
 class CogVLMModel(nn.Module):
@@ -82,10 +55,10 @@ class CogVLMModel(nn.Module):
             images = torch.stack(flat)
         if images.shape[0] == 0:
             return None
-        patches = self.vision.patch_embedding
-        images = images.to(device=execution_device(patches.proj), dtype=patches.proj.weight.dtype)
-        with _onloaded(patches.position_embedding):  # its weight is read, the module never called
-            return self.vision(images)
+        weight = self.vision.patch_embedding.proj.weight
+        # An offloaded weight waits on 'meta'; whoever offloaded it moves the inputs too.
+        images = images.to(device=None if weight.device.type == "meta" else weight.device, dtype=weight.dtype)
+        return self.vision(images)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, images: Images = None,
@@ -115,7 +88,7 @@ class CogVLMModel(nn.Module):
 
 
 class CogVLMForCausalLM(nn.Module):
-    """The whole model with the official module names, plus the official drop-in methods."""
+    """The whole network with the official module names (the drop-in methods: `cogvlm.dropin`)."""
 
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
@@ -151,8 +124,8 @@ class CogVLMForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the token embedding's device (under a device map, its execution device)."""
-        return execution_device(self.model.embed_tokens)
+        """The token embedding's device (the loaders' drop-in face also knows offloaded ones)."""
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,34 +156,3 @@ class CogVLMForCausalLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
-
-    # ---- the official API, delegated to the modules that own each job ----------------------
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> "CogVLMForCausalLM":
-        """Load an official checkpoint folder (see `cogvlm.weights.load_model`)."""
-        from ..weights import load_model
-        return load_model(folder, dtype=torch_dtype, device=device, **kwargs)
-
-    def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write the official layout: config.json, safetensors shards and their index."""
-        from ..weights import save_model
-        save_model(self, folder, max_shard_size=max_shard_size)
-
-    def build_conversation_input_ids(self, tokenizer: Any, *, query: str,
-                                     history: Sequence[tuple[str, str]] | None = None,
-                                     images: Sequence[Any] | None = None,
-                                     template_version: str | None = None) -> dict[str, Any]:
-        """The official prompt builder: input_ids, token_type_ids, attention_mask, images."""
-        from ..prompts import build_conversation_input_ids
-        return build_conversation_input_ids(tokenizer, self.config, query=query, history=history,
-                                            images=images, template_version=template_version)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, images: Images = None,
-                 **kwargs: Any) -> torch.Tensor:
-        """Prompt + new tokens (B, T + N), as transformers' generate returns them."""
-        from ..generation import generate_sequences
-        return generate_sequences(self, input_ids, token_type_ids, attention_mask, images, **kwargs)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CogVLMConfig, VisionConfig
+from ..config import ACTIVATIONS, CogVLMConfig, VisionConfig
 from .adapter import GLU
 
 
@@ -28,7 +28,8 @@ class PatchEmbedding(nn.Module):
         x = x.flatten(2).transpose(1, 2)            # (N, P, Dv)
         cls = self.cls_embedding.expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1)              # (N, 1 + P, Dv)
-        return x + self.position_embedding.weight.unsqueeze(0)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return x + self.position_embedding(positions).unsqueeze(0)  # called, not read: offload hooks see it
 
 
 class Attention(nn.Module):
@@ -51,13 +52,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """fc2(act(fc1(x))), act = vision_config.hidden_act (exact GELU in every released config)."""
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
+        self.activation_fn = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.activation_fn(self.fc1(x)))
 
 
 class TransformerLayer(nn.Module):

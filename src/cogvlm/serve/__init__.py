@@ -9,15 +9,10 @@ Needs the `serve` extra: pip install 'cogvlm[serve]'.
 
 from __future__ import annotations
 
-import argparse
-import functools
-import os
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 try:
     import uvicorn
@@ -31,57 +26,12 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the installed 
 from .engine import EngineSettings
 from .media import MediaPolicy
 
-__all__ = ["cli_main", "create_app", "running", "ServeSettings", "EngineSettings", "MediaPolicy"]
+__all__ = ["serve_forever", "create_app", "running", "ServeSettings", "EngineSettings", "MediaPolicy"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    from ..cli import _Parser  # the command's one-line errors, exit status 2
-
-    p = _Parser(prog="cogvlm serve", description="Serve a model over an OpenAI-compatible HTTP API "
-                "(POST /v1/chat/completions) with a chat page at /.")
-    p.add_argument("--model", help="model folder (default: the shipped tiny model)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPUs, fp32 on CPU)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY, else none)")
-    p.add_argument("--max-batch", type=int, default=EngineSettings.max_batch,
-                   help="requests decoded together (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=EngineSettings.max_queue,
-                   help="requests that may wait for a slot; more get 429 (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=EngineSettings.timeout_s,
-                   help="seconds one request may take, waiting included (default: %(default)s)")
-    p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (public addresses only); default: data: URLs only")
-    p.add_argument("--served-model-name", action="append", metavar="NAME",
-                   help="model id clients send (repeatable; default: the folder name and cogvlm-chat-17b)")
-    return p
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until interrupted; returns the exit status (2 for bad arguments)."""
-    from ..pipeline import DEFAULT_MODEL, load
-
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad flag (already reported on one line)
-        return int(e.code or 0)
-    folder = Path(args.model) if args.model else DEFAULT_MODEL
-    problems = [(args.max_batch < 1, "--max-batch must be >= 1"), (args.max_queue < 0, "--max-queue must be >= 0"),
-                (args.timeout <= 0, "--timeout must be > 0"),
-                (not (folder / "config.json").is_file(), f"{folder}: not a model folder (no config.json)")]
-    for bad, message in problems:
-        if bad:
-            print(f"cogvlm serve: error: {message}", file=sys.stderr)
-            return 2
-    names = tuple(args.served_model_name or (folder.name, "cogvlm-chat-17b"))
-    settings = ServeSettings(model_names=names, api_key=args.api_key,
-                             engine=EngineSettings(args.max_batch, args.max_queue, args.timeout),
-                             media=MediaPolicy(allow_remote=args.allow_remote_images))
-    loader = functools.partial(load, folder, device=args.device, dtype=args.dtype)
-    uvicorn.run(create_app(loader, settings), host=args.host, port=args.port, log_level="info")
-    return 0
+def serve_forever(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run `app` with uvicorn until interrupted (what `cogvlm serve` does once its flags are read)."""
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PromptError
-from ..pipeline import CONTEXT_LENGTH, Pipeline
+from ..pipeline import Pipeline
 from .engine import Engine, EngineSettings, Event, Job, QueueFull
 from .media import MediaPolicy, fetch_image
 from .protocol import (APIError, ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList,
@@ -133,7 +133,8 @@ def create_app(source: Pipeline | Callable[[], Pipeline], settings: ServeSetting
                                              conversation.history, body.template_version)
         except PromptError as e:  # this package's one-line messages
             raise APIError(400, str(e), param="messages") from None
-        config = generation_config(body, len(sample["input_ids"]), CONTEXT_LENGTH, settings.default_max_tokens)
+        config = generation_config(body, len(sample["input_ids"]), pipeline.context_length,
+                                   settings.default_max_tokens)
         request_id = request.state.request_id
         try:
             job = engine.submit(sample, config, request_id)

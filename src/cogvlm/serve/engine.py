@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..generation import GenerationConfig, KVCache, decode_one_token, prefill, sample
+from ..loading.placement import execution_device
 from ..prompts import collate
 from ..streaming import TextStream
 
@@ -97,7 +98,7 @@ class RunningBatch:
         self.model = model
         self.jobs: list[Job] = []
         self.cache: KVCache | None = None
-        device = model.device
+        device = execution_device(model.model.embed_tokens)
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)
         self.positions = torch.zeros(0, dtype=torch.long, device=device)
         self.last = torch.zeros(0, dtype=torch.long, device=device)
@@ -148,7 +149,7 @@ class RunningBatch:
         capacity = cur + min(max(MIN_ROOM, cur // 2), remaining)
         n = len(self.jobs)
         fresh = KVCache(self.model, len(jobs), capacity)
-        mask = torch.zeros(len(jobs), capacity, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros(len(jobs), capacity, dtype=torch.long, device=execution_device(self.model.model.embed_tokens))
         if n:
             mask[:n, cur - span:cur] = self.mask[:, start:self.cur]
             for (new_k, new_v), (old_k, old_v) in zip(fresh.layers, self.cache.layers):
@@ -264,7 +265,7 @@ class Engine:
         """Prefill alone, take the first token, and add the row to the running batch."""
         sample = job.sample
         inputs = collate([sample], pad_token_id=self.tokenizer.pad_token_id)
-        device, dtype = self.model.device, self.model.dtype
+        device, dtype = execution_device(self.model.model.embed_tokens), self.model.dtype
         inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         inputs["images"] = [[img.to(device, dtype) for img in sample["images"] or []]]
         length = inputs["input_ids"].shape[1]

@@ -12,7 +12,6 @@ from scratch the frozen base model in base/.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -375,31 +374,5 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     return final
 
 
-def cli_main(argv: list[str]) -> int:
-    """`cogvlm train CONFIG.yaml [--key value ...]` and `cogvlm train merge CHECKPOINT OUT`."""
-    try:
-        if argv[:1] == ["merge"]:
-            parser = argparse.ArgumentParser(prog="cogvlm train merge",
-                                             description="Fold a LoRA checkpoint into a plain checkpoint.")
-            parser.add_argument("checkpoint")
-            parser.add_argument("out")
-            args = parser.parse_args(argv[1:])
-            print(merge_lora(args.checkpoint, args.out))
-            return 0
-        parser = argparse.ArgumentParser(prog="cogvlm train", description="Train CogVLM; --key value "
-                                         "overrides the YAML (keys: see cogvlm.train.config).")
-        parser.add_argument("config", help="YAML training config")
-        for name in TrainConfig.__dataclass_fields__:
-            parser.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="VALUE")
-        overrides = vars(parser.parse_args(argv))
-        print(run(overrides.pop("config"), overrides))
-        return 0
-    except SystemExit as e:  # argparse: --help or a usage error
-        return int(e.code or 0)
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-__all__ = ["run", "cli_main", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic", "Objective",
+__all__ = ["run", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic", "Objective",
            "OBJECTIVES", "lr_factor", "train_step", "loss_sum", "MetricsLog", "plot_metrics"]

@@ -25,8 +25,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..config import CogVLMConfig, get_preset
-from ..model import CogVLMForCausalLM
-from ..weights import resolve_dtype
+from ..dropin import CogVLMForCausalLM
+from ..loading.files import resolve_dtype
 from .config import TrainConfig, TrainError
 
 #: The model's parameters in four disjoint parts, as glob patterns over official names.
@@ -123,7 +123,7 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     """Inverse of `save_weights`, in place and exact, into a model built the same way."""
     from safetensors.torch import load_file
 
-    from ..weights import weight_files
+    from ..loading.files import weight_files
 
     if is_lora(model):
         from peft import set_peft_model_state_dict

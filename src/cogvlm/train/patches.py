@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from .. import synthetic
 from ..config import CogVLMConfig
 from ..image import preprocess
-from ..model import CogVLMForCausalLM
+from ..dropin import CogVLMForCausalLM
 from .config import TrainError
 from .data import HELDOUT_SEED_OFFSET, pick_source
 from .modes import set_trainable
