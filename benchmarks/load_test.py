@@ -52,11 +52,15 @@ def make_images(count: int) -> list[str]:
     rng = np.random.default_rng(0)
     urls = []
     for i in range(count):
-        image = Image.new("RGB", (int(rng.integers(48, 160)), int(rng.integers(48, 160))), tuple(rng.integers(0, 256, 3)))
+        image = Image.new(
+            "RGB", (int(rng.integers(48, 160)), int(rng.integers(48, 160))), tuple(rng.integers(0, 256, 3))
+        )
         draw = ImageDraw.Draw(image)
         for _ in range(3):
             x0, y0 = rng.integers(0, 40, 2)
-            draw.ellipse((int(x0), int(y0), int(x0) + 30, int(y0) + 30), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw.ellipse(
+                (int(x0), int(y0), int(x0) + 30, int(y0) + 30), fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+            )
         fmt = "PNG" if i % 2 == 0 else "JPEG"
         buffer = io.BytesIO()
         image.save(buffer, format=fmt)
@@ -66,16 +70,31 @@ def make_images(count: int) -> list[str]:
 
 def plan(clients: int, requests: int, images: int, max_tokens: int) -> list[list[Request]]:
     """Each client's requests: images, questions and lengths vary; every other one streams."""
-    return [[Request(image=(c * requests + r) % images, question=(c + r) % len(QUESTIONS),
-                     max_tokens=max_tokens - 8 * ((c + 2 * r) % 3), stream=(c + r) % 2 == 0)
-             for r in range(requests)] for c in range(clients)]
+    return [
+        [
+            Request(
+                image=(c * requests + r) % images,
+                question=(c + r) % len(QUESTIONS),
+                max_tokens=max_tokens - 8 * ((c + 2 * r) % 3),
+                stream=(c + r) % 2 == 0,
+            )
+            for r in range(requests)
+        ]
+        for c in range(clients)
+    ]
 
 
 def body(request: Request, images: list[str], model: str) -> dict:
-    content = [{"type": "text", "text": QUESTIONS[request.question]},
-               {"type": "image_url", "image_url": {"url": images[request.image]}}]
-    return {"model": model, "max_tokens": request.max_tokens, "stream": request.stream,
-            "messages": [{"role": "user", "content": content}]}
+    content = [
+        {"type": "text", "text": QUESTIONS[request.question]},
+        {"type": "image_url", "image_url": {"url": images[request.image]}},
+    ]
+    return {
+        "model": model,
+        "max_tokens": request.max_tokens,
+        "stream": request.stream,
+        "messages": [{"role": "user", "content": content}],
+    }
 
 
 async def send(client: httpx.AsyncClient, payload: dict) -> str:
@@ -105,9 +124,25 @@ def server(model: str, max_batch: int, max_queue: int, threads: int) -> Iterator
     """A `cogvlm serve` process on a free loopback port; yields its URL once /health is 200."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", model, "--port", "0",
-                                    "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-                                    "--served-model-name", "bench"], stderr=log, env=env)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                LAUNCH,
+                "--model",
+                model,
+                "--port",
+                "0",
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                str(max_queue),
+                "--served-model-name",
+                "bench",
+            ],
+            stderr=log,
+            env=env,
+        )
         try:
             deadline = time.monotonic() + 120
             url = None
@@ -166,9 +201,11 @@ def measure(model: str, max_batch: int, threads: int, clients: list[list[Request
 def report(name: str, result: dict, total: int) -> str:
     lat = sorted(result["latencies"]) or [float("nan")]
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-    return (f"| {name} | {total} | {len(result['failures'])} | {result['mismatches']} | {result['wall']:.2f} | "
-            f"{total / result['wall']:.2f} | {result['tokens'] / result['wall']:.0f} | "
-            f"{statistics.median(lat):.3f} | {p95:.3f} |")
+    return (
+        f"| {name} | {total} | {len(result['failures'])} | {result['mismatches']} | {result['wall']:.2f} | "
+        f"{total / result['wall']:.2f} | {result['tokens'] / result['wall']:.0f} | "
+        f"{statistics.median(lat):.3f} | {p95:.3f} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,17 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48, help="longest answer; others are 8 and 16 shorter")
     p.add_argument("--max-batch", type=int, default=8, help="the batched server's --max-batch")
     p.add_argument("--images", type=int, default=8, help="distinct images")
-    p.add_argument("--threads", type=int, default=1,
-                   help="the servers' torch threads (OMP_NUM_THREADS); 1 suits tiny models on shared cores")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the servers' torch threads (OMP_NUM_THREADS); 1 suits tiny models on shared cores",
+    )
     args = p.parse_args(argv)
     images = make_images(args.images)
     clients = plan(args.clients, args.requests, args.images, args.max_tokens)
     total = args.clients * args.requests
     batched = measure(args.model, args.max_batch, args.threads, clients, images)
     single = measure(args.model, 1, args.threads, clients, images)
-    print(f"{args.clients} clients x {args.requests} requests, half streaming, {args.images} images, "
-          f"answers of {args.max_tokens - 16}-{args.max_tokens} tokens, model {args.model}, "
-          f"{args.threads} torch thread(s)\n")
+    print(
+        f"{args.clients} clients x {args.requests} requests, half streaming, {args.images} images, "
+        f"answers of {args.max_tokens - 16}-{args.max_tokens} tokens, model {args.model}, "
+        f"{args.threads} torch thread(s)\n"
+    )
     print("| server | requests | failures | answers != lone | wall s | requests/s | tokens/s | p50 s | p95 s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(report(f"--max-batch {args.max_batch}", batched, total))

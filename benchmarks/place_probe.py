@@ -28,7 +28,7 @@ def box_mask(box: tuple[int, int, int, int], grid: int, side: int) -> torch.Tens
     """(G*G,) mask of the patches whose centre lies in the pixel box."""
     x0, y0, x1, y1 = box
     centres = (torch.arange(grid) + 0.5) / grid * side
-    cy, cx = torch.meshgrid(centres, centres, indexing="ij")                # (G, G) each
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")  # (G, G) each
     return ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)).flatten()
 
 
@@ -50,6 +50,7 @@ def probe(pipeline: cogvlm.Pipeline, scenes: int, seed: int) -> tuple[list[Row],
     def keep(k: int):
         def hook(_module, _inputs, out) -> None:
             hidden[k] = out[0] if isinstance(out, tuple) else out
+
         return hook
 
     hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
@@ -64,7 +65,7 @@ def probe(pipeline: cogvlm.Pipeline, scenes: int, seed: int) -> tuple[list[Row],
                 inputs = pipeline.build(QUESTION, scene.render(), template_version="vqa")
                 ids, types = inputs["input_ids"][None], inputs["token_type_ids"][None]
                 model(ids, types, torch.ones_like(ids), [inputs["images"]])
-                patches = (types[0] == VISION_TOKEN_TYPE).nonzero().flatten()[1:-1]   # boi/eoi dropped
+                patches = (types[0] == VISION_TOKEN_TYPE).nonzero().flatten()[1:-1]  # boi/eoi dropped
                 rows = [hidden[-1][0, 1:-1]] + [hidden[k][0, patches] for k in range(len(layers))]
                 grid = int(len(patches) ** 0.5)
                 masks = [(s.box, box_mask(s.box, grid, scene.width)) for s in scene.shapes]

@@ -34,15 +34,21 @@ from safetensors.torch import load_file
 from cogvlm.bench import _DigitTokenizer, _random_image
 from cogvlm.config import PRESETS
 from cogvlm.generation import BatchDecoder, GenerationConfig
+from cogvlm.loading import load_model
+from cogvlm.loading.quantize import storage_bytes
 from cogvlm.model import CogVLMForCausalLM
 from cogvlm.prompts import build_conversation_input_ids, collate
-from cogvlm.loading.quantize import storage_bytes
 from cogvlm.tokenizer import load_tokenizer
-from cogvlm.loading import load_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny"
-SETTINGS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "fp16": {"dtype": "float16"},
-            "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}, "nf4": {"quantize": "nf4"}}
+SETTINGS = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "fp16": {"dtype": "float16"},
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "int4"},
+    "nf4": {"quantize": "nf4"},
+}
 
 _PROBE = r"""
 import json, re, sys, time
@@ -71,16 +77,31 @@ def prompts(folder: Path, model: CogVLMForCausalLM, n: int) -> list[dict[str, An
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
     tokenizer = load_tokenizer(folder) if has_tokenizer else _DigitTokenizer()
     size = model.config.vision_config.image_size
-    return [collate([build_conversation_input_ids(tokenizer, model.config, query=f"What is in picture {i}?",
-                                                  images=[_random_image(i, size)], template_version="chat")])
-            for i in range(n)]
+    return [
+        collate(
+            [
+                build_conversation_input_ids(
+                    tokenizer,
+                    model.config,
+                    query=f"What is in picture {i}?",
+                    images=[_random_image(i, size)],
+                    template_version="chat",
+                )
+            ]
+        )
+        for i in range(n)
+    ]
 
 
 def logits(model: CogVLMForCausalLM, batch: dict[str, Any]) -> torch.Tensor:
     images = [[img.to(model.dtype) for img in sample] for sample in batch["images"]]
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                    attention_mask=batch["attention_mask"], images=images).logits
+        out = model(
+            input_ids=batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+            images=images,
+        ).logits
     return out[batch["attention_mask"].bool()]
 
 
@@ -93,8 +114,12 @@ def reference_parity(kwargs: dict[str, Any]) -> float:
         t = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")}
         it = iter(t.get("images", []))
         images = [[next(it)] if n else [] for n in t["images_per_sample"].tolist()] if "images" in t else None
-        batch = {"input_ids": t["input_ids"], "token_type_ids": t["token_type_ids"],
-                 "attention_mask": t["attention_mask"], "images": images or [[] for _ in t["input_ids"]]}
+        batch = {
+            "input_ids": t["input_ids"],
+            "token_type_ids": t["token_type_ids"],
+            "attention_mask": t["attention_mask"],
+            "images": images or [[] for _ in t["input_ids"]],
+        }
         got = logits(model, batch)
         worst = max(worst, float((got - t["logits"][t["attention_mask"].bool()]).abs().max()))
     return worst
@@ -110,11 +135,21 @@ def decode_speed(model: CogVLMForCausalLM, batch: dict[str, Any], tokens: int) -
 
 def probe(folder: Path, kwargs: dict[str, Any], batch: dict[str, Any]) -> dict[str, float]:
     with tempfile.NamedTemporaryFile(suffix=".pt") as f:
-        torch.save({k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-                   | {"images": [[img.to(getattr(torch, kwargs.get("dtype", "float32"))) for img in s]
-                                 for s in batch["images"]]}, f.name)
-        out = subprocess.run([sys.executable, "-c", _PROBE, str(folder), json.dumps(kwargs), f.name],
-                             capture_output=True, text=True, check=True)
+        torch.save(
+            {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+            | {
+                "images": [
+                    [img.to(getattr(torch, kwargs.get("dtype", "float32"))) for img in s] for s in batch["images"]
+                ]
+            },
+            f.name,
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(folder), json.dumps(kwargs), f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,11 +162,14 @@ def measure(folder: Path, names: list[str], args: argparse.Namespace) -> list[di
     for name in names:
         kwargs = {"dtype": args.qdtype, **SETTINGS[name]}
         model = load_model(folder, **kwargs)
-        row = {"setting": name, "compute": kwargs["dtype"],
-               "max_diff": max(float((logits(model, b).float() - w).abs().max()) for b, w in zip(batches, want)),
-               "parity": reference_parity(kwargs),
-               "weights_MiB": sum(storage_bytes(t) for t in model.state_dict().values()) / 2**20,
-               "tok_s": decode_speed(model, batches[0], args.tokens)}
+        row = {
+            "setting": name,
+            "compute": kwargs["dtype"],
+            "max_diff": max(float((logits(model, b).float() - w).abs().max()) for b, w in zip(batches, want)),
+            "parity": reference_parity(kwargs),
+            "weights_MiB": sum(storage_bytes(t) for t in model.state_dict().values()) / 2**20,
+            "tok_s": decode_speed(model, batches[0], args.tokens),
+        }
         if args.shapes:
             from cogvlm.eval.tasks.shapes import evaluate_shapes
             from cogvlm.pipeline import Pipeline
@@ -145,17 +183,21 @@ def measure(folder: Path, names: list[str], args: argparse.Namespace) -> list[di
 
 
 def table(rows: list[dict[str, Any]], source: str, args: argparse.Namespace) -> str:
-    lines = [f"Model: {source}; {args.prompts} image prompts, {args.tokens} decode steps, "
-             f"{torch.get_num_threads()} threads; `python benchmarks/quant_quality.py {' '.join(sys.argv[1:])}`",
-             "",
-             "| setting | compute | shapes acc. | max abs logit diff vs fp32 | parity (reference-tiny) "
-             "| weights MiB | load RSS MiB | peak RSS MiB | load s | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Model: {source}; {args.prompts} image prompts, {args.tokens} decode steps, "
+        f"{torch.get_num_threads()} threads; `python benchmarks/quant_quality.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| setting | compute | shapes acc. | max abs logit diff vs fp32 | parity (reference-tiny) "
+        "| weights MiB | load RSS MiB | peak RSS MiB | load s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         shapes = f"{100 * r['shapes']:.1f} %" if "shapes" in r else "-"
-        lines.append(f"| {r['setting']} | {r['compute']} | {shapes} | {r['max_diff']:.4f} | {r['parity']:.4f} "
-                     f"| {r['weights_MiB']:.1f} | {r['load_rss'] / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} "
-                     f"| {r['load_s']:.2f} | {r['tok_s']:.1f} |")
+        lines.append(
+            f"| {r['setting']} | {r['compute']} | {shapes} | {r['max_diff']:.4f} | {r['parity']:.4f} "
+            f"| {r['weights_MiB']:.1f} | {r['load_rss'] / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} "
+            f"| {r['load_s']:.2f} | {r['tok_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,7 +207,7 @@ def write_section(path: Path, text: str, model: str) -> None:
     old = path.read_text() if path.is_file() else ""
     section = f"{begin}\n{text}\n{end}"
     if begin in old and end in old:
-        new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
+        new = old[: old.index(begin)] + section + old[old.index(end) + len(end) :]
     else:
         new = old + ("\n" if old else "") + section + "\n"
     path.write_text(new)

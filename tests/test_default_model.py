@@ -56,8 +56,16 @@ def test_shuffled_images_fall_to_chance(vlm, heldout):
         assert heldout["per_type"][task] - shuffled[task] >= 0.4, (task, heldout["per_type"], shuffled)
 
 
-PLAIN_COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 220, 0),
-                "black": (0, 0, 0), "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (139, 69, 19)}
+PLAIN_COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 160, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 220, 0),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (139, 69, 19),
+}
 PLAIN_KINDS = ("circle", "square", "rectangle", "triangle", "star")
 #: Floors on the 40 PIL-drawn scenes, just under what the shipped model reaches (see the model card).
 PLAIN_FLOORS = {"color": 0.9, "shape": 0.75}
@@ -72,8 +80,13 @@ def _outline(kind: str, cx: int, cy: int, r: int) -> list[tuple[float, float]]:
     if kind == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if kind == "star":
-        return [(cx + (r if i % 2 == 0 else 0.4 * r) * math.cos(math.radians(-90 + 36 * i)),
-                 cy + (r if i % 2 == 0 else 0.4 * r) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)]
+        return [
+            (
+                cx + (r if i % 2 == 0 else 0.4 * r) * math.cos(math.radians(-90 + 36 * i)),
+                cy + (r if i % 2 == 0 else 0.4 * r) * math.sin(math.radians(-90 + 36 * i)),
+            )
+            for i in range(10)
+        ]
     raise ValueError(kind)
 
 
@@ -99,10 +112,12 @@ def _drawn_scenes() -> list[tuple[Image.Image, str, str]]:
 
 def test_colour_and_shape_of_shapes_drawn_outside_the_generator(vlm, capsys):
     scenes = _drawn_scenes()
-    colours = vlm.batch([{"image": img, "query": f"What color is the {kind}?"} for img, _, kind in scenes],
-                        max_new_tokens=4)
-    kinds = vlm.batch([{"image": img, "query": f"What shape is the {name} object?"} for img, name, _ in scenes],
-                      max_new_tokens=4)
+    colours = vlm.batch(
+        [{"image": img, "query": f"What color is the {kind}?"} for img, _, kind in scenes], max_new_tokens=4
+    )
+    kinds = vlm.batch(
+        [{"image": img, "query": f"What shape is the {name} object?"} for img, name, _ in scenes], max_new_tokens=4
+    )
     colour_acc = sum(a.strip().lower() == name for a, (_, name, _) in zip(colours, scenes)) / len(scenes)
     shape_acc = sum(a.strip().lower() == kind for a, (_, _, kind) in zip(kinds, scenes)) / len(scenes)
     with capsys.disabled():
@@ -112,7 +127,11 @@ def test_colour_and_shape_of_shapes_drawn_outside_the_generator(vlm, capsys):
 
 def test_readme_first_command():
     scene = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
-    proc = subprocess.run([sys.executable, "-m", "cogvlm.cli", "ask", str(scene),
-                           "--query", "What color is the star?"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogvlm.cli", "ask", str(scene), "--query", "What color is the star?"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().split(": ")[-1] == "red"  # the star in examples/scene.png is red

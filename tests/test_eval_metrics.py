@@ -12,10 +12,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cogvlm.errors import CogVLMError
-from cogvlm.eval.metrics import (box_iou, caption_scores, clean_caption, clean_short_answer, evalai_normalize,
-                                 first_box, gqa_match, grounding_hit, ocrvqa_match, pointing_choice,
-                                 process_digit_article, process_punctuation, scienceqa_choice, vqa_accuracy,
-                                 xywh_to_xyxy)
+from cogvlm.eval.metrics import (
+    box_iou,
+    caption_scores,
+    clean_caption,
+    clean_short_answer,
+    evalai_normalize,
+    first_box,
+    gqa_match,
+    grounding_hit,
+    ocrvqa_match,
+    pointing_choice,
+    process_digit_article,
+    process_punctuation,
+    scienceqa_choice,
+    vqa_accuracy,
+    xywh_to_xyxy,
+)
 from cogvlm.eval.metrics.vqa import leave_one_out
 
 
@@ -118,12 +131,24 @@ def test_gqa_exact_match():
     assert gqa_match("", "left") == 0.0
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("B", 1), ("(B)", 1), ("B.", 1), ("B. a dog", 1), ("(C) a bird", 2), ("The answer is C.", 2),
-    ("dog", 1), ("It is a bird.", 2), ("A dog", 1),  # "A dog" names the option, not letter A
-    ("cat or dog", None),  # two options named: a tie is wrong
-    ("E", None), ("", None), ("a fish", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("B", 1),
+        ("(B)", 1),
+        ("B.", 1),
+        ("B. a dog", 1),
+        ("(C) a bird", 2),
+        ("The answer is C.", 2),
+        ("dog", 1),
+        ("It is a bird.", 2),
+        ("A dog", 1),  # "A dog" names the option, not letter A
+        ("cat or dog", None),  # two options named: a tie is wrong
+        ("E", None),
+        ("", None),
+        ("a fish", None),
+    ],
+)
 def test_scienceqa_choice(answer, expected):
     assert scienceqa_choice(answer, ["cat", "dog", "bird"]) == expected
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cogvlm.errors import CogVLMError
 from cogvlm.cli import main
+from cogvlm.errors import CogVLMError
 from cogvlm.eval import get_task, load_items, run, summary_table
 
 
 def cli_main(argv: list[str]) -> int:
     return main(["eval", *argv])
+
 
 GQA_ANSWERS = ["yes", "no", "left", "red", "two", "yes", "cat"]
 
@@ -28,8 +29,12 @@ def gqa_dir(tmp_path: Path) -> Path:
     (data / "images").mkdir(parents=True)
     questions = {}
     for k, answer in enumerate(GQA_ANSWERS):
-        questions[f"q{k}"] = {"imageId": f"img{k}", "question": f"question {k}?", "answer": answer,
-                              "types": {"structural": "verify" if answer in ("yes", "no") else "query"}}
+        questions[f"q{k}"] = {
+            "imageId": f"img{k}",
+            "question": f"question {k}?",
+            "answer": answer,
+            "types": {"structural": "verify" if answer in ("yes", "no") else "query"},
+        }
         Image.new("RGB", (8, 8)).save(data / "images" / f"img{k}.jpg")
     (data / "testdev_balanced_questions.json").write_text(json.dumps(questions))
     return data
@@ -75,13 +80,25 @@ def test_a_run_writes_predictions_results_submission_and_summary(gqa_dir, tmp_pa
     result = _run(gqa_dir, out, FakePipeline())
     assert result["scores"] == {"accuracy": pytest.approx(4 / 7)}  # q0, q2, q4, q6 right
     assert result["per_type"] == {"verify": pytest.approx(1 / 3), "query": pytest.approx(3 / 4)}  # q0; q2, q4, q6
-    assert result["counts"] == {"questions": 7, "scored": 7, "per_type": {"verify": 3, "query": 4},
-                                "skipped_missing_images": 0}
+    assert result["counts"] == {
+        "questions": 7,
+        "scored": 7,
+        "per_type": {"verify": 3, "query": 4},
+        "skipped_missing_images": 0,
+    }
     assert {"task", "split", "model", "prompt", "template", "max_new_tokens", "metric", "seconds"} <= set(result)
     assert json.loads((out / "gqa-testdev_balanced.results.json").read_text()) == result
     lines = _lines(out / "gqa-testdev_balanced.predictions.jsonl")
-    assert lines[0] == {"settings": {"task": "gqa", "split": "testdev_balanced", "model": "fake",
-                                     "template": "vqa", "prompt": "{question}", "max_new_tokens": 16}}
+    assert lines[0] == {
+        "settings": {
+            "task": "gqa",
+            "split": "testdev_balanced",
+            "model": "fake",
+            "template": "vqa",
+            "prompt": "{question}",
+            "max_new_tokens": 16,
+        }
+    }
     assert lines[1] == {"id": "q0", "answer": "yes", "raw": "yes."}
     submission = json.loads((out / "gqa-testdev_balanced.submission.json").read_text())
     assert submission[1] == {"questionId": "q1", "prediction": "wrong"}
@@ -149,11 +166,20 @@ def test_predictions_of_another_model_are_not_mixed_in(gqa_dir, tmp_path):
 
 def test_summary_puts_the_papers_numbers_beside_ours():
     def result(task, split, value, paper):
-        return {"task": task, "split": split, "model": "/m/cogvlm-grounding", "metric": "Acc@0.5",
-                "scores": {"Acc@0.5": value}, "counts": {"scored": 10}, "paper": paper}
+        return {
+            "task": task,
+            "split": split,
+            "model": "/m/cogvlm-grounding",
+            "metric": "Acc@0.5",
+            "scores": {"Acc@0.5": value},
+            "counts": {"scored": 10},
+            "paper": paper,
+        }
 
-    refcoco = [{"split": "val", "value": 92.76, "note": "grounding-generalist v1.1"},
-               {"split": "testA", "value": 94.75, "note": "grounding-generalist v1.1"}]
+    refcoco = [
+        {"split": "val", "value": 92.76, "note": "grounding-generalist v1.1"},
+        {"split": "testA", "value": 94.75, "note": "grounding-generalist v1.1"},
+    ]
     vqav2 = [{"split": "test-dev2015", "value": 82.3, "note": ""}]
     table = summary_table([result("refcoco", "testA", 0.9, refcoco), result("vqav2", "val2014", 0.5, vqav2)])
     row = "| refcoco | testA | cogvlm-grounding | Acc@0.5 | 90.00 | 94.75 (grounding-generalist v1.1) | 10 |"
@@ -164,8 +190,21 @@ def test_summary_puts_the_papers_numbers_beside_ours():
 # ----------------------------------------------------------------------------- the command
 def test_cli_runs_a_task_on_the_reference_model(gqa_dir, tmp_path, reference_dir, capsys, one_thread):
     out = tmp_path / "out"
-    argv = ["gqa", "--data", str(gqa_dir), "--model", str(reference_dir), "--device", "cpu", "--limit", "3",
-            "--batch-size", "2", "--out", str(out)]
+    argv = [
+        "gqa",
+        "--data",
+        str(gqa_dir),
+        "--model",
+        str(reference_dir),
+        "--device",
+        "cpu",
+        "--limit",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("gqa testdev_balanced: accuracy ") and "3 scored of 3 questions" in printed
@@ -174,29 +213,53 @@ def test_cli_runs_a_task_on_the_reference_model(gqa_dir, tmp_path, reference_dir
 
 
 def test_cli_shapes_prints_true_and_shuffled_columns(tmp_path, reference_dir, capsys, one_thread):
-    argv = ["shapes", "--model", str(reference_dir), "--device", "cpu", "--n", "1", "--shuffle-images",
-            "--out", str(tmp_path)]
+    argv = [
+        "shapes",
+        "--model",
+        str(reference_dir),
+        "--device",
+        "cpu",
+        "--n",
+        "1",
+        "--shuffle-images",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["type", "true", "image", "shuffled", "image"]
-    assert [line.split()[0] for line in lines[1:11]] == ["color", "shape", "count", "exist", "position",
-                                                         "relation", "caption", "ground", "ground_caption",
-                                                         "overall"]
+    assert [line.split()[0] for line in lines[1:11]] == [
+        "color",
+        "shape",
+        "count",
+        "exist",
+        "position",
+        "relation",
+        "caption",
+        "ground",
+        "ground_caption",
+        "overall",
+    ]
     assert sorted(p.name for p in tmp_path.glob("*.results.json")) == [
-        "shapes-seed999999-n1-shuffled.results.json", "shapes-seed999999-n1.results.json"]
+        "shapes-seed999999-n1-shuffled.results.json",
+        "shapes-seed999999-n1.results.json",
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "give a TASK"),
-    (["nope"], "unknown task 'nope'"),
-    (["gqa"], "gqa needs --data DIR"),
-    (["gqa", "--data", "/no/such/folder"], "/no/such/folder: no such folder"),
-    (["gqa", "--data", ".", "--limit", "0"], "--limit must be >= 1"),
-    (["gqa", "--data", ".", "--n", "5"], "--n only apply to the shapes task"),
-    (["gqa", "--data", ".", "--seed", "0"], "--seed only apply to the shapes task"),
-    (["shapes", "--data", "."], "shapes generates its questions: drop --data"),
-    (["gqa", "--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give a TASK"),
+        (["nope"], "unknown task 'nope'"),
+        (["gqa"], "gqa needs --data DIR"),
+        (["gqa", "--data", "/no/such/folder"], "/no/such/folder: no such folder"),
+        (["gqa", "--data", ".", "--limit", "0"], "--limit must be >= 1"),
+        (["gqa", "--data", ".", "--n", "5"], "--n only apply to the shapes task"),
+        (["gqa", "--data", ".", "--seed", "0"], "--seed only apply to the shapes task"),
+        (["shapes", "--data", "."], "shapes generates its questions: drop --data"),
+        (["gqa", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_cli_user_errors_are_one_line_and_status_2(argv, message, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,8 @@ from PIL import Image
 from cogvlm.errors import CogVLMError
 from cogvlm.eval import evaluate, evaluate_shapes, get_task, load_items, registry, shapes_items
 from cogvlm.eval.tasks.shapes import ground_caption_recall
-from cogvlm.synthetic import TASKS as SHAPE_TYPES, TEMPLATE_OF_TASK, format_box, iter_scenes, make_caption
+from cogvlm.synthetic import TASKS as SHAPE_TYPES
+from cogvlm.synthetic import TEMPLATE_OF_TASK, format_box, iter_scenes, make_caption
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 30)) -> None:
@@ -40,15 +41,40 @@ def _right(task, item, answer: str) -> float:
 
 def test_registry_has_every_task_with_a_scorer_and_the_papers_numbers():
     tasks = registry()
-    assert list(tasks) == ["vqav2", "okvqa", "textvqa", "vizwiz", "gqa", "scienceqa", "ocrvqa",
-                           "coco-caption", "nocaps", "flickr30k", "textcaps", "refcoco", "refcoco+", "refcocog",
-                           "visual7w", "shapes"]
+    assert list(tasks) == [
+        "vqav2",
+        "okvqa",
+        "textvqa",
+        "vizwiz",
+        "gqa",
+        "scienceqa",
+        "ocrvqa",
+        "coco-caption",
+        "nocaps",
+        "flickr30k",
+        "textcaps",
+        "refcoco",
+        "refcoco+",
+        "refcocog",
+        "visual7w",
+        "shapes",
+    ]
     assert all(t.splits and (t.score or t.corpus) for t in tasks.values())
     paper = {(t.name, p.split): p.value for t in tasks.values() for p in t.paper}
-    assert paper == {("vqav2", "test-dev2015"): 82.3, ("textvqa", "val"): 70.4, ("coco-caption", "test"): 148.7,
-                     ("refcoco", "val"): 92.76, ("refcoco", "testA"): 94.75, ("refcoco", "testB"): 88.99,
-                     ("refcoco+", "val"): 88.68, ("refcoco+", "testA"): 92.91, ("refcoco+", "testB"): 83.39,
-                     ("refcocog", "val"): 89.75, ("refcocog", "test"): 90.79, ("visual7w", "test"): 91.05}
+    assert paper == {
+        ("vqav2", "test-dev2015"): 82.3,
+        ("textvqa", "val"): 70.4,
+        ("coco-caption", "test"): 148.7,
+        ("refcoco", "val"): 92.76,
+        ("refcoco", "testA"): 94.75,
+        ("refcoco", "testB"): 88.99,
+        ("refcoco+", "val"): 88.68,
+        ("refcoco+", "testA"): 92.91,
+        ("refcoco+", "testB"): 83.39,
+        ("refcocog", "val"): 89.75,
+        ("refcocog", "test"): 90.79,
+        ("visual7w", "test"): 91.05,
+    }
 
 
 # ----------------------------------------------------------------------------- VQA family
@@ -57,16 +83,38 @@ def _answers(*words: str) -> list[dict]:
 
 
 def _write_coco_vqa(root: Path, split: str, prefix: str, annotations: bool = True) -> None:
-    questions = [{"image_id": 42, "question": "What color is the cat?", "question_id": 420},
-                 {"image_id": 7, "question": "How many dogs?", "question_id": 70}]
-    _json(root / f"{prefix}OpenEnded_mscoco_{split}_questions.json",
-          {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
+    questions = [
+        {"image_id": 42, "question": "What color is the cat?", "question_id": 420},
+        {"image_id": 7, "question": "How many dogs?", "question_id": 70},
+    ]
+    _json(
+        root / f"{prefix}OpenEnded_mscoco_{split}_questions.json",
+        {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions},
+    )
     if annotations:
-        _json(root / f"{prefix}mscoco_{split}_annotations.json", {"annotations": [
-            {"question_id": 420, "image_id": 42, "question_type": "what color", "answer_type": "other",
-             "multiple_choice_answer": "black", "answers": _answers(*["black"] * 7, *["gray"] * 3)},
-            {"question_id": 70, "image_id": 7, "question_type": "how many", "answer_type": "number",
-             "multiple_choice_answer": "2", "answers": _answers(*["2"] * 10)}]})
+        _json(
+            root / f"{prefix}mscoco_{split}_annotations.json",
+            {
+                "annotations": [
+                    {
+                        "question_id": 420,
+                        "image_id": 42,
+                        "question_type": "what color",
+                        "answer_type": "other",
+                        "multiple_choice_answer": "black",
+                        "answers": _answers(*["black"] * 7, *["gray"] * 3),
+                    },
+                    {
+                        "question_id": 70,
+                        "image_id": 7,
+                        "question_type": "how many",
+                        "answer_type": "number",
+                        "multiple_choice_answer": "2",
+                        "answers": _answers(*["2"] * 10),
+                    },
+                ]
+            },
+        )
     folder = "test2015" if split.startswith("test") else split
     for image_id in (42, 7):
         _image(root / folder / f"COCO_{folder}_{image_id:012d}.jpg")
@@ -89,8 +137,10 @@ def test_vqav2_test_dev_has_no_targets_and_a_submission(tmp_path):
     task, items, _ = _load("vqav2", tmp_path, "test-dev2015")
     assert items[0].image == tmp_path / "test2015" / "COCO_test2015_000000000042.jpg"
     assert all(i.target is None for i in items)
-    assert task.submission(items, ["black", "2"]) == [{"question_id": 420, "answer": "black"},
-                                                      {"question_id": 70, "answer": "2"}]
+    assert task.submission(items, ["black", "2"]) == [
+        {"question_id": 420, "answer": "black"},
+        {"question_id": 70, "answer": "2"},
+    ]
 
 
 def test_okvqa_file_names(tmp_path):
@@ -100,11 +150,29 @@ def test_okvqa_file_names(tmp_path):
 
 
 def test_textvqa_loader_and_evalai_scoring(tmp_path):
-    _json(tmp_path / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "dataset_type": "val",
-                                                 "dataset_version": "0.5.1", "data": [{
-        "question": "what brand is the phone?", "question_id": 34602, "image_id": "003a8ae2ef43b901",
-        "image_classes": ["Mobile phone"], "flickr_original_url": "", "flickr_300k_url": "", "image_width": 40,
-        "image_height": 30, "answers": ["nokia"] * 10, "question_tokens": ["what", "brand"], "set_name": "val"}]})
+    _json(
+        tmp_path / "TextVQA_0.5.1_val.json",
+        {
+            "dataset_name": "textvqa",
+            "dataset_type": "val",
+            "dataset_version": "0.5.1",
+            "data": [
+                {
+                    "question": "what brand is the phone?",
+                    "question_id": 34602,
+                    "image_id": "003a8ae2ef43b901",
+                    "image_classes": ["Mobile phone"],
+                    "flickr_original_url": "",
+                    "flickr_300k_url": "",
+                    "image_width": 40,
+                    "image_height": 30,
+                    "answers": ["nokia"] * 10,
+                    "question_tokens": ["what", "brand"],
+                    "set_name": "val",
+                }
+            ],
+        },
+    )
     _image(tmp_path / "train_images" / "003a8ae2ef43b901.jpg")
     task, items, _ = _load("textvqa", tmp_path)
     assert items[0].id == "34602" and items[0].image.name == "003a8ae2ef43b901.jpg"
@@ -113,9 +181,18 @@ def test_textvqa_loader_and_evalai_scoring(tmp_path):
 
 
 def test_vizwiz_loader_unanswerable_is_an_answer(tmp_path):
-    _json(tmp_path / "Annotations" / "val.json", [{
-        "image": "VizWiz_val_00000001.jpg", "question": "What is this?", "answerable": 0,
-        "answer_type": "unanswerable", "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10}])
+    _json(
+        tmp_path / "Annotations" / "val.json",
+        [
+            {
+                "image": "VizWiz_val_00000001.jpg",
+                "question": "What is this?",
+                "answerable": 0,
+                "answer_type": "unanswerable",
+                "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10,
+            }
+        ],
+    )
     _image(tmp_path / "val" / "VizWiz_val_00000001.jpg")
     task, items, _ = _load("vizwiz", tmp_path)
     assert items[0].kind == "unanswerable" and "respond with 'unanswerable'" in items[0].query
@@ -125,11 +202,25 @@ def test_vizwiz_loader_unanswerable_is_an_answer(tmp_path):
 
 # ----------------------------------------------------------------------------- GQA, ScienceQA, OCR-VQA
 def test_gqa_loader(tmp_path):
-    _json(tmp_path / "testdev_balanced_questions.json", {"201307251": {
-        "imageId": "n161313", "question": "Is it overcast?", "answer": "no", "fullAnswer": "No, it is clear.",
-        "isBalanced": True, "groups": {"global": None, "local": "06-weather"}, "entailed": [], "equivalent": [],
-        "types": {"structural": "verify", "semantic": "global", "detailed": "weatherVerify"},
-        "annotations": {"answer": {}, "question": {}, "fullAnswer": {}}, "semantic": [], "semanticStr": ""}})
+    _json(
+        tmp_path / "testdev_balanced_questions.json",
+        {
+            "201307251": {
+                "imageId": "n161313",
+                "question": "Is it overcast?",
+                "answer": "no",
+                "fullAnswer": "No, it is clear.",
+                "isBalanced": True,
+                "groups": {"global": None, "local": "06-weather"},
+                "entailed": [],
+                "equivalent": [],
+                "types": {"structural": "verify", "semantic": "global", "detailed": "weatherVerify"},
+                "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
+                "semantic": [],
+                "semanticStr": "",
+            }
+        },
+    )
     _image(tmp_path / "images" / "n161313.jpg")
     task, items, _ = _load("gqa", tmp_path)
     assert items[0].id == "201307251" and items[0].kind == "verify"
@@ -138,31 +229,74 @@ def test_gqa_loader(tmp_path):
 
 
 def test_scienceqa_loader_keeps_the_image_subset(tmp_path):
-    base = {"task": "closed choice", "grade": "grade2", "subject": "natural science", "topic": "biology",
-            "category": "animals", "skill": "", "lecture": "", "solution": ""}
-    _json(tmp_path / "problems.json", {
-        "1": {**base, "question": "Which animal?", "choices": ["dog", "cat"], "answer": 1, "hint": "A cat sat.",
-              "image": "image.png", "split": "test"},
-        "2": {**base, "question": "No image?", "choices": ["yes", "no"], "answer": 0, "hint": "", "image": None,
-              "split": "test"},
-        "3": {**base, "question": "Val?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
-              "split": "val"}})
+    base = {
+        "task": "closed choice",
+        "grade": "grade2",
+        "subject": "natural science",
+        "topic": "biology",
+        "category": "animals",
+        "skill": "",
+        "lecture": "",
+        "solution": "",
+    }
+    _json(
+        tmp_path / "problems.json",
+        {
+            "1": {
+                **base,
+                "question": "Which animal?",
+                "choices": ["dog", "cat"],
+                "answer": 1,
+                "hint": "A cat sat.",
+                "image": "image.png",
+                "split": "test",
+            },
+            "2": {
+                **base,
+                "question": "No image?",
+                "choices": ["yes", "no"],
+                "answer": 0,
+                "hint": "",
+                "image": None,
+                "split": "test",
+            },
+            "3": {
+                **base,
+                "question": "Val?",
+                "choices": ["a", "b"],
+                "answer": 0,
+                "hint": "",
+                "image": "image.png",
+                "split": "val",
+            },
+        },
+    )
     _json(tmp_path / "pid_splits.json", {"train": [], "val": ["3"], "test": ["1", "2"], "minival": []})
     _image(tmp_path / "images" / "test" / "1" / "image.png")
     task, items, _ = _load("scienceqa", tmp_path)
     assert [i.id for i in items] == ["1"] and items[0].kind == "natural science"
-    assert items[0].query == ("Context: A cat sat.\nWhich animal?\nA. dog\nB. cat\n"
-                              "Answer with the option's letter from the given choices directly.")
+    assert items[0].query == (
+        "Context: A cat sat.\nWhich animal?\nA. dog\nB. cat\n"
+        "Answer with the option's letter from the given choices directly."
+    )
     assert _right(task, items[0], "B") == 1.0 and _right(task, items[0], "The answer is A.") == 0.0
 
 
 def test_ocrvqa_loader_skips_dead_images(tmp_path):
     entry = {"imageURL": "http://x", "title": "T", "authorName": "Jane Doe", "genre": "Humor"}
-    _json(tmp_path / "dataset.json", {
-        "111": {**entry, "questions": ["Who wrote this book?", "Is this a comedy book?"],
-                "answers": ["Jane Doe", "Yes"], "split": 3},
-        "222": {**entry, "questions": ["Who wrote this book?"], "answers": ["Jane Doe"], "split": 3},
-        "333": {**entry, "questions": ["Who wrote this book?"], "answers": ["Jane Doe"], "split": 1}})
+    _json(
+        tmp_path / "dataset.json",
+        {
+            "111": {
+                **entry,
+                "questions": ["Who wrote this book?", "Is this a comedy book?"],
+                "answers": ["Jane Doe", "Yes"],
+                "split": 3,
+            },
+            "222": {**entry, "questions": ["Who wrote this book?"], "answers": ["Jane Doe"], "split": 3},
+            "333": {**entry, "questions": ["Who wrote this book?"], "answers": ["Jane Doe"], "split": 1},
+        },
+    )
     _image(tmp_path / "images" / "111.jpg")
     task, items, skipped = _load("ocrvqa", tmp_path)
     assert [i.id for i in items] == ["111:0", "111:1"] and skipped == 1
@@ -175,44 +309,107 @@ def _sentences(*raws: str) -> list[dict]:
 
 
 def test_karpathy_coco_and_flickr_loaders(tmp_path):
-    _json(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
-        {"filepath": "val2014", "sentids": [0, 1], "filename": "COCO_val2014_000000000042.jpg", "imgid": 0,
-         "split": "test", "sentences": _sentences("A cat on a mat.", "A cat."), "cocoid": 42},
-        {"filepath": "train2014", "sentids": [2], "filename": "COCO_train2014_000000000001.jpg", "imgid": 1,
-         "split": "train", "sentences": _sentences("A dog."), "cocoid": 1}]})
+    _json(
+        tmp_path / "dataset_coco.json",
+        {
+            "dataset": "coco",
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "sentids": [0, 1],
+                    "filename": "COCO_val2014_000000000042.jpg",
+                    "imgid": 0,
+                    "split": "test",
+                    "sentences": _sentences("A cat on a mat.", "A cat."),
+                    "cocoid": 42,
+                },
+                {
+                    "filepath": "train2014",
+                    "sentids": [2],
+                    "filename": "COCO_train2014_000000000001.jpg",
+                    "imgid": 1,
+                    "split": "train",
+                    "sentences": _sentences("A dog."),
+                    "cocoid": 1,
+                },
+            ],
+        },
+    )
     _image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
     task, items, _ = _load("coco-caption", tmp_path)
     assert [i.id for i in items] == ["42"] and items[0].target == ["A cat on a mat.", "A cat."]
     assert items[0].query == "A suitable caption for this image would be:" and task.corpus is not None
-    _json(tmp_path / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
-        {"sentids": [0], "imgid": 3, "sentences": _sentences("Two dogs run."), "split": "test",
-         "filename": "1000092795.jpg"}]})
+    _json(
+        tmp_path / "dataset_flickr30k.json",
+        {
+            "dataset": "flickr30k",
+            "images": [
+                {
+                    "sentids": [0],
+                    "imgid": 3,
+                    "sentences": _sentences("Two dogs run."),
+                    "split": "test",
+                    "filename": "1000092795.jpg",
+                }
+            ],
+        },
+    )
     _image(tmp_path / "flickr30k-images" / "1000092795.jpg")
     _, items, _ = _load("flickr30k", tmp_path)
     assert [i.id for i in items] == ["3"] and items[0].target == ["Two dogs run."]
 
 
 def test_nocaps_loader_keeps_domains(tmp_path):
-    images = [{"id": k, "file_name": f"{k:04d}.jpg", "height": 30, "width": 40, "domain": d,
-               "open_images_id": f"{k:04d}", "coco_url": ""} for k, d in enumerate(["in-domain", "out-domain"])]
+    images = [
+        {
+            "id": k,
+            "file_name": f"{k:04d}.jpg",
+            "height": 30,
+            "width": 40,
+            "domain": d,
+            "open_images_id": f"{k:04d}",
+            "coco_url": "",
+        }
+        for k, d in enumerate(["in-domain", "out-domain"])
+    ]
     annotations = [{"image_id": k % 2, "id": k, "caption": f"caption {k}"} for k in range(4)]
-    _json(tmp_path / "nocaps_val_4500_captions.json", {"licenses": [], "info": {}, "images": images,
-                                                        "annotations": annotations})
+    _json(
+        tmp_path / "nocaps_val_4500_captions.json",
+        {"licenses": [], "info": {}, "images": images, "annotations": annotations},
+    )
     for image in images:
         _image(tmp_path / "images" / image["file_name"])
     _, items, _ = _load("nocaps", tmp_path)
-    assert [(i.id, i.kind, i.target) for i in items] == [("0", "in-domain", ["caption 0", "caption 2"]),
-                                                          ("1", "out-domain", ["caption 1", "caption 3"])]
+    assert [(i.id, i.kind, i.target) for i in items] == [
+        ("0", "in-domain", ["caption 0", "caption 2"]),
+        ("1", "out-domain", ["caption 1", "caption 3"]),
+    ]
 
 
 def test_textcaps_loader_groups_captions_by_image(tmp_path):
     refs = [f"sign {k}" for k in range(5)]
-    entry = {"image_id": "abc", "image_classes": [], "flickr_original_url": "", "flickr_300k_url": "",
-             "image_width": 40, "image_height": 30, "set_name": "val", "image_name": "abc",
-             "image_path": "train/abc.jpg", "reference_strs": refs, "reference_tokens": []}
-    _json(tmp_path / "TextCaps_0.1_val.json", {"dataset_type": "val", "dataset_name": "textcaps",
-                                                "dataset_version": "0.1", "data": [
-        {**entry, "caption_id": k, "caption_str": refs[k], "caption_tokens": []} for k in range(5)]})
+    entry = {
+        "image_id": "abc",
+        "image_classes": [],
+        "flickr_original_url": "",
+        "flickr_300k_url": "",
+        "image_width": 40,
+        "image_height": 30,
+        "set_name": "val",
+        "image_name": "abc",
+        "image_path": "train/abc.jpg",
+        "reference_strs": refs,
+        "reference_tokens": [],
+    }
+    _json(
+        tmp_path / "TextCaps_0.1_val.json",
+        {
+            "dataset_type": "val",
+            "dataset_name": "textcaps",
+            "dataset_version": "0.1",
+            "data": [{**entry, "caption_id": k, "caption_str": refs[k], "caption_tokens": []} for k in range(5)],
+        },
+    )
     _image(tmp_path / "train_images" / "abc.jpg")
     _, items, _ = _load("textcaps", tmp_path)
     assert [(i.id, i.target) for i in items] == [("abc", refs)]
@@ -220,23 +417,57 @@ def test_textcaps_loader_groups_captions_by_image(tmp_path):
 
 # ----------------------------------------------------------------------------- grounding
 def _write_refs(root: Path, dataset: str, split_by: str, split: str, refs_content=None) -> None:
-    refs = [{"sent_ids": [0, 1], "file_name": "COCO_train2014_000000000042_7.jpg", "ann_id": 7, "ref_id": 0,
-             "image_id": 42, "split": split, "category_id": 1, "sentences": [
-                 {"tokens": ["man", "on", "left"], "raw": "Man on left", "sent_id": 0, "sent": "man on left"},
-                 {"tokens": ["left", "guy"], "raw": "left guy", "sent_id": 1, "sent": "left guy"}]},
-            {"sent_ids": [2], "file_name": "x", "ann_id": 7, "ref_id": 1, "image_id": 42, "split": "train",
-             "category_id": 1, "sentences": [{"tokens": [], "raw": "", "sent_id": 2, "sent": "other"}]}]
+    refs = [
+        {
+            "sent_ids": [0, 1],
+            "file_name": "COCO_train2014_000000000042_7.jpg",
+            "ann_id": 7,
+            "ref_id": 0,
+            "image_id": 42,
+            "split": split,
+            "category_id": 1,
+            "sentences": [
+                {"tokens": ["man", "on", "left"], "raw": "Man on left", "sent_id": 0, "sent": "man on left"},
+                {"tokens": ["left", "guy"], "raw": "left guy", "sent_id": 1, "sent": "left guy"},
+            ],
+        },
+        {
+            "sent_ids": [2],
+            "file_name": "x",
+            "ann_id": 7,
+            "ref_id": 1,
+            "image_id": 42,
+            "split": "train",
+            "category_id": 1,
+            "sentences": [{"tokens": [], "raw": "", "sent_id": 2, "sent": "other"}],
+        },
+    ]
     (root / dataset).mkdir(parents=True, exist_ok=True)
     (root / dataset / f"refs({split_by}).p").write_bytes(pickle.dumps(refs_content or refs, protocol=2))
-    _json(root / dataset / "instances.json", {
-        "images": [{"id": 42, "file_name": "COCO_train2014_000000000042.jpg", "width": 400, "height": 200}],
-        "annotations": [{"id": 7, "image_id": 42, "bbox": [100, 50, 200, 100], "category_id": 1, "area": 20000,
-                         "iscrowd": 0, "segmentation": []}], "categories": [{"id": 1, "name": "person"}]})
+    _json(
+        root / dataset / "instances.json",
+        {
+            "images": [{"id": 42, "file_name": "COCO_train2014_000000000042.jpg", "width": 400, "height": 200}],
+            "annotations": [
+                {
+                    "id": 7,
+                    "image_id": 42,
+                    "bbox": [100, 50, 200, 100],
+                    "category_id": 1,
+                    "area": 20000,
+                    "iscrowd": 0,
+                    "segmentation": [],
+                }
+            ],
+            "categories": [{"id": 1, "name": "person"}],
+        },
+    )
     _image(root / "train2014" / "COCO_train2014_000000000042.jpg")
 
 
-@pytest.mark.parametrize("name, split_by, split", [("refcoco", "unc", "val"), ("refcoco+", "unc", "testB"),
-                                                    ("refcocog", "umd", "test")])
+@pytest.mark.parametrize(
+    "name, split_by, split", [("refcoco", "unc", "val"), ("refcoco+", "unc", "testB"), ("refcocog", "umd", "test")]
+)
 def test_refcoco_loaders_one_question_per_expression(tmp_path, name, split_by, split):
     _write_refs(tmp_path, name, split_by, split)
     task, items, _ = _load(name, tmp_path, split)
@@ -256,12 +487,32 @@ def test_refs_pickles_with_classes_are_refused(tmp_path):
 
 def test_visual7w_pointing_loader(tmp_path):
     corners = {100: (0, 0), 101: (50, 0), 102: (0, 50), 103: (50, 50)}
-    _json(tmp_path / "dataset_v7w_pointing.json", {
-        "images": [{"image_id": 1, "filename": "v7w_1.jpg", "split": "test", "qa_pairs": [
-            {"qa_id": 10, "image_id": 1, "question": "Which is the cat?", "answer": 100,
-             "multiple_choices": [101, 102, 103], "type": "which"}]}],
-        "boxes": [{"box_id": b, "x": x, "y": y, "width": 50, "height": 50, "name": "thing"}
-                  for b, (x, y) in corners.items()]})
+    _json(
+        tmp_path / "dataset_v7w_pointing.json",
+        {
+            "images": [
+                {
+                    "image_id": 1,
+                    "filename": "v7w_1.jpg",
+                    "split": "test",
+                    "qa_pairs": [
+                        {
+                            "qa_id": 10,
+                            "image_id": 1,
+                            "question": "Which is the cat?",
+                            "answer": 100,
+                            "multiple_choices": [101, 102, 103],
+                            "type": "which",
+                        }
+                    ],
+                }
+            ],
+            "boxes": [
+                {"box_id": b, "x": x, "y": y, "width": 50, "height": 50, "name": "thing"}
+                for b, (x, y) in corners.items()
+            ],
+        },
+    )
     _image(tmp_path / "images" / "v7w_1.jpg", (100, 100))
     task, items, _ = _load("visual7w", tmp_path)
     candidates, right, width, height = items[0].target

@@ -14,8 +14,14 @@ def test_exported_llama_matches_text_only(tmp_path, reference_dir, reference_mod
     out = export_llm(reference_dir, tmp_path / "llama")
     assert (out / "tokenizer.model").is_file()
     llama = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
-    ids = torch.tensor([[reference_tokenizer.bos_token_id,
-                         *reference_tokenizer.encode("Question: What is a cat? Answer: a small animal")]])
+    ids = torch.tensor(
+        [
+            [
+                reference_tokenizer.bos_token_id,
+                *reference_tokenizer.encode("Question: What is a cat? Answer: a small animal"),
+            ]
+        ]
+    )
     with torch.no_grad():
         ours = reference_model(input_ids=ids).logits
         theirs = llama(input_ids=ids).logits

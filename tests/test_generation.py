@@ -27,8 +27,11 @@ def test_batch_equals_alone(vlm, images):
     requests = [
         {"query": "Describe this image.", "image": images[0]},
         {"query": "What color is the star?", "image": images[1], "template_version": "vqa"},
-        {"query": "Where is the dog?", "image": images[0],
-         "history": [("What is in the image?", "a red cat."), ("Is there a blue box?", "yes")]},
+        {
+            "query": "Where is the dog?",
+            "image": images[0],
+            "history": [("What is in the image?", "a red cat."), ("Is there a blue box?", "yes")],
+        },
         {"query": "What is a cat?"},  # text only, in the same batch as image requests
         {"query": "A picture of", "image": images[1], "template_version": "base"},
     ]
@@ -40,8 +43,17 @@ def test_batch_equals_alone(vlm, images):
 
 def test_finished_rows_leave_the_batch(reference_model, reference_tokenizer):
     rows = [reference_tokenizer.encode("Question: hi Answer:", add_special_tokens=True)] * 3
-    data = collate([{"input_ids": torch.tensor(r), "token_type_ids": torch.zeros(len(r), dtype=torch.long),
-                     "attention_mask": torch.ones(len(r), dtype=torch.long), "images": None} for r in rows])
+    data = collate(
+        [
+            {
+                "input_ids": torch.tensor(r),
+                "token_type_ids": torch.zeros(len(r), dtype=torch.long),
+                "attention_mask": torch.ones(len(r), dtype=torch.long),
+                "images": None,
+            }
+            for r in rows
+        ]
+    )
     configs = [GenerationConfig(max_new_tokens=n) for n in (2, 5, 9)]
     decoder = BatchDecoder(reference_model, data, configs, eos_token_id=None)
     sizes = [len(step) for step in decoder]
@@ -95,19 +107,32 @@ def test_sample_greedy_and_filters():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
     assert sample(logits, GenerationConfig(), torch.tensor([], dtype=torch.long)) == 1
     g = torch.Generator().manual_seed(0)
-    picks = {sample(logits, GenerationConfig(do_sample=True, top_k=2), torch.tensor([], dtype=torch.long), g)
-             for _ in range(50)}
+    picks = {
+        sample(logits, GenerationConfig(do_sample=True, top_k=2), torch.tensor([], dtype=torch.long), g)
+        for _ in range(50)
+    }
     assert picks == {1, 2}
-    picks = {sample(logits, GenerationConfig(do_sample=True, top_p=0.5), torch.tensor([], dtype=torch.long), g)
-             for _ in range(50)}
+    picks = {
+        sample(logits, GenerationConfig(do_sample=True, top_p=0.5), torch.tensor([], dtype=torch.long), g)
+        for _ in range(50)
+    }
     assert picks == {1}
     # Repetition penalty divides positive logits of seen tokens: 3.0 / 4 < 2.0, so token 2 wins.
     penalised = GenerationConfig(repetition_penalty=4.0)
     assert sample(logits, penalised, torch.tensor([1])) == 2
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=0), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(max_new_tokens=0), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=0),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(max_new_tokens=0),
+        dict(repetition_penalty=0),
+    ],
+)
 def test_bad_settings(bad):
     with pytest.raises(SettingsError):
         GenerationConfig(**bad)

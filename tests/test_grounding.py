@@ -16,10 +16,7 @@ from cogvlm.grounding import (
     strip_boxes,
 )
 
-EXAMPLE = (
-    "A red circle[[120,340,310,560]] left of a blue star"
-    "[[600,100,800,300;050,050,100,100]]."
-)
+EXAMPLE = "A red circle[[120,340,310,560]] left of a blue star[[600,100,800,300;050,050,100,100]]."
 
 
 def test_parse_example_labels_and_values():
@@ -53,9 +50,7 @@ def test_several_boxes_in_one_group_share_a_label():
     assert {b.label for b in boxes} == {"two apples"}
 
 
-@pytest.mark.parametrize(
-    "bad", ["[[1,2,3]]", "[[a,b,c,d]]", "[[1,2,3,4,5]]", "[[1,2,3,4", "[[]]", "[[1,2,,4]]"]
-)
+@pytest.mark.parametrize("bad", ["[[1,2,3]]", "[[a,b,c,d]]", "[[1,2,3,4,5]]", "[[1,2,3,4", "[[]]", "[[1,2,,4]]"])
 def test_malformed_groups_are_skipped(bad):
     text = f"a cat[[100,200,300,400]] then {bad} and a dog[[500,600,700,800]]"
     boxes = parse_boxes(text)
@@ -91,9 +86,7 @@ def test_strip_boxes():
 def test_format_box_and_boxes():
     assert format_box((0.12, 0.34, 0.31, 0.56)) == "[[120,340,310,560]]"
     assert format_box((0.0, 0.05, 1.0, -0.2)) == "[[000,050,999,000]]"
-    assert format_boxes([(0.6, 0.1, 0.8, 0.3), (0.05, 0.05, 0.1, 0.1)]) == (
-        "[[600,100,800,300;050,050,100,100]]"
-    )
+    assert format_boxes([(0.6, 0.1, 0.8, 0.3), (0.05, 0.05, 0.1, 0.1)]) == ("[[600,100,800,300;050,050,100,100]]")
     with pytest.raises(ValueError):
         format_boxes([])
 

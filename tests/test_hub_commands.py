@@ -38,8 +38,9 @@ def folder_answers() -> dict[str, str]:
 
 
 def _cogvlm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cogvlm.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cogvlm.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_cache_holds_the_published_layout(hub_cache):
@@ -54,15 +55,17 @@ def test_cache_holds_the_published_layout(hub_cache):
 def test_ask_by_hub_id_equals_the_folder(offline_env, folder_answers, tokenizer):
     for question in QUESTIONS:
         extra = ["--tokenizer", tokenizer] if tokenizer else []
-        proc = _cogvlm("ask", str(IMAGE), "-q", question, "--model", REPO, "--device", "cpu", "--json", *extra,
-                       env=offline_env)
+        proc = _cogvlm(
+            "ask", str(IMAGE), "-q", question, "--model", REPO, "--device", "cpu", "--json", *extra, env=offline_env
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["answer"] == folder_answers[question]
 
 
 def test_zai_org_name_and_missing_tokenizer_errors(offline_env, hub_cache, tmp_path):
-    proc = _cogvlm("ask", str(IMAGE), "-q", QUESTIONS[0], "--model", "zai-org/cogvlm-chat-hf", "--device", "cpu",
-                   env=offline_env)
+    proc = _cogvlm(
+        "ask", str(IMAGE), "-q", QUESTIONS[0], "--model", "zai-org/cogvlm-chat-hf", "--device", "cpu", env=offline_env
+    )
     assert proc.returncode == 0, proc.stderr
     # A cache without the Vicuna tokenizer: one line naming the flag to pass.
     empty = {**offline_env, "HF_HUB_CACHE": str(tmp_path)}
@@ -77,8 +80,9 @@ def test_eval_by_hub_id_equals_the_folder(offline_env, tmp_path):
     results = {}
     for name, model in (("hub", REPO), ("folder", str(DEFAULT_MODEL))):
         out = tmp_path / name
-        proc = _cogvlm("eval", "shapes", "--model", model, "--n", "2", "--out", str(out), "--device", "cpu",
-                       env=offline_env)
+        proc = _cogvlm(
+            "eval", "shapes", "--model", model, "--n", "2", "--out", str(out), "--device", "cpu", env=offline_env
+        )
         assert proc.returncode == 0, proc.stderr
         predictions = sorted(out.glob("*.predictions.jsonl"))
         assert len(predictions) == 1
@@ -90,8 +94,25 @@ def test_eval_by_hub_id_equals_the_folder(offline_env, tmp_path):
 def test_serve_int8_by_hub_id_equals_the_folder(offline_env):
     import openai
 
-    process = subprocess.Popen([sys.executable, "-m", "cogvlm.cli", "serve", "--model", REPO, "--quantize", "int8",
-                                "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=offline_env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cogvlm.cli",
+            "serve",
+            "--model",
+            REPO,
+            "--quantize",
+            "int8",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=offline_env,
+    )
     try:
         url = None
         while url is None:
@@ -108,8 +129,19 @@ def test_serve_int8_by_hub_id_equals_the_folder(offline_env):
         expected = cogvlm.load(DEFAULT_MODEL, device="cpu", quantize="int8")
         data_url = "data:image/png;base64," + __import__("base64").b64encode(IMAGE.read_bytes()).decode()
         for question in QUESTIONS:
-            reply = client.chat.completions.create(model=REPO, max_tokens=32, messages=[{"role": "user", "content": [
-                {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": data_url}}]}])
+            reply = client.chat.completions.create(
+                model=REPO,
+                max_tokens=32,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": question},
+                            {"type": "image_url", "image_url": {"url": data_url}},
+                        ],
+                    }
+                ],
+            )
             assert reply.choices[0].message.content == expected.chat(question, IMAGE, max_new_tokens=32)
     finally:
         process.send_signal(signal.SIGINT)

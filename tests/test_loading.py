@@ -33,8 +33,9 @@ def _one_line_error(excinfo, *needles: str) -> str:
 
 
 def _cogvlm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cogvlm.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cogvlm.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch build")
@@ -42,8 +43,9 @@ def test_cuda_on_a_cpu_only_torch_says_so(reference_dir):
     with pytest.raises(SettingsError) as e:
         cogvlm.CogVLMForCausalLM.from_pretrained(reference_dir, device="cuda")
     _one_line_error(e, "CPU-only build", "--device cpu")
-    proc = _cogvlm("ask", str(reference_dir / "images" / "img0.png"), "-q", "hi", "--model", str(reference_dir),
-                   "--device", "cuda")
+    proc = _cogvlm(
+        "ask", str(reference_dir / "images" / "img0.png"), "-q", "hi", "--model", str(reference_dir), "--device", "cuda"
+    )
     assert proc.returncode == 2
     assert "CPU-only build" in proc.stderr and "corrupt" not in proc.stderr and "Traceback" not in proc.stderr
 
@@ -93,8 +95,13 @@ def test_automatic_choice_keeps_a_saved_quantisation():
     setting, _ = choose_setting(config, {0: 16 * GiB, 1: 16 * GiB, "cpu": 64 * GiB}, saved="int8")
     assert setting["quantize"] == "int8" and setting["device_map"] == "auto"
     setting, _ = choose_setting(config, {0: 4 * GiB, "cpu": 64 * GiB}, saved="int8")
-    assert setting == {"device": "cpu", "device_map": None, "max_memory": None, "quantize": "int8",
-                       "quantize_vision": False}
+    assert setting == {
+        "device": "cpu",
+        "device_map": None,
+        "max_memory": None,
+        "quantize": "int8",
+        "quantize_vision": False,
+    }
 
 
 def test_device_auto_on_a_gpu_machine_reads_the_folders_quantisation(reference_dir, tmp_path, monkeypatch):
@@ -131,27 +138,41 @@ def test_missing_extra_is_one_line_naming_the_install(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'cogvlm[train]'" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = _cogvlm("quantize", str(Path(__file__).parent / "fixtures" / "reference-tiny"), str(tmp_path / "q"),
-                   "--method", "int8", env=env)
+    proc = _cogvlm(
+        "quantize",
+        str(Path(__file__).parent / "fixtures" / "reference-tiny"),
+        str(tmp_path / "q"),
+        "--method",
+        "int8",
+        env=env,
+    )
     assert proc.returncode == 2 and "pip install 'cogvlm[quant]'" in proc.stderr, proc.stderr
 
 
 def test_generation_config_sets_the_defaults(reference_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(reference_dir, folder)
-    assert generation_defaults(folder) == {}   # the official CogVLM-1 file holds only token ids
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_length": 23}))
+    assert generation_defaults(folder) == {}  # the official CogVLM-1 file holds only token ids
+    (folder / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_length": 23})
+    )
     # as transformers: what the file sets wins, its own defaults fill the rest (top_k 50)
-    assert generation_defaults(folder) == {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50,
-                                           "repetition_penalty": 1.0, "max_length": 23}
+    assert generation_defaults(folder) == {
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 50,
+        "repetition_penalty": 1.0,
+        "max_length": 23,
+    }
     vlm = cogvlm.load(folder, device="cpu")
     assert vlm.generation.do_sample and vlm.generation.temperature == 0.6 and vlm.context_length == 23
     image = reference_dir / "images" / "img0.png"
     seeded = [vlm.chat("Describe the image.", image, seed=s) for s in (1, 1, 2, 3)]
-    assert seeded[0] == seeded[1] and len(set(seeded)) > 1   # sampling is on by default now
+    assert seeded[0] == seeded[1] and len(set(seeded)) > 1  # sampling is on by default now
     # max_length caps prompt (15 tokens here) + answer; greedy is one setting away
     plain = cogvlm.load(reference_dir, device="cpu")
     assert len(plain.build("Describe the image.", image)["input_ids"]) == 15
     assert vlm.chat("Describe the image.", image, do_sample=False) == plain.chat(
-        "Describe the image.", image, max_new_tokens=8)
+        "Describe the image.", image, max_new_tokens=8
+    )

@@ -17,8 +17,8 @@ def _mixed_prompt(model, reference_dir):
     ids = torch.tensor([[1, 45, 67, 89] + [0] * n + [120, 33, 250, 17, 99]])
     types = torch.tensor([[0, 0, 0, 0] + [1] * n + [0, 0, 0, 0, 0]])
     img = model.build_conversation_input_ids(
-        _Tok(), query="", images=[Image.open(reference_dir / "images" / "img0.png")],
-        template_version="base")["images"]
+        _Tok(), query="", images=[Image.open(reference_dir / "images" / "img0.png")], template_version="base"
+    )["images"]
     return ids, types, [img]
 
 
@@ -38,8 +38,7 @@ def test_full_forward_equals_prefill_plus_decode(reference_model, reference_dir)
         full = reference_model(input_ids=full_ids, token_type_ids=full_types, images=images).logits
         length = ids.shape[1]
         cache = KVCache(reference_model, 1, full_ids.shape[1])
-        batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": torch.ones_like(ids),
-                 "images": images}
+        batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": torch.ones_like(ids), "images": images}
         logits, positions = prefill(reference_model, batch, cache)
         torch.testing.assert_close(logits, full[:, length - 1], atol=1e-5, rtol=0)
         expected_pos = build_position_ids(full_types)
@@ -47,21 +46,26 @@ def test_full_forward_equals_prefill_plus_decode(reference_model, reference_dir)
         for i in range(new.shape[1]):
             pos = pos + 1
             assert int(pos) == int(expected_pos[0, length + i])
-            logits = decode_one_token(reference_model, new[:, i], pos,
-                                      torch.ones(1, length + i + 1, dtype=torch.long), cache, length + i)
+            logits = decode_one_token(
+                reference_model, new[:, i], pos, torch.ones(1, length + i + 1, dtype=torch.long), cache, length + i
+            )
             torch.testing.assert_close(logits, full[:, length + i], atol=1e-5, rtol=0)
 
 
 def _build(model, tok, reference_dir, member):
     images = [Image.open(reference_dir / "images" / member["image"])] if member.get("image") else None
-    return model.build_conversation_input_ids(tok, query=member["query"], history=member["history"],
-                                              images=images, template_version=member["template_version"])
+    return model.build_conversation_input_ids(
+        tok,
+        query=member["query"],
+        history=member["history"],
+        images=images,
+        template_version=member["template_version"],
+    )
 
 
 @pytest.mark.parametrize("case", ["batch_padded", "batch_mixed"])
 def test_padded_batch_equals_alone(case, reference_model, reference_tokenizer, reference_dir, reference_cases):
-    samples = [_build(reference_model, reference_tokenizer, reference_dir, m)
-               for m in reference_cases[case]["members"]]
+    samples = [_build(reference_model, reference_tokenizer, reference_dir, m) for m in reference_cases[case]["members"]]
     batch = collate(samples)
     with torch.no_grad():
         batched = reference_model(**batch).logits
@@ -70,11 +74,11 @@ def test_padded_batch_equals_alone(case, reference_model, reference_tokenizer, r
         alone = collate([sample])
         with torch.no_grad():
             logits = reference_model(**alone).logits[0]
-            tokens = reference_model.generate(**alone, max_new_tokens=8)[0, alone["input_ids"].shape[1]:]
+            tokens = reference_model.generate(**alone, max_new_tokens=8)[0, alone["input_ids"].shape[1] :]
         real = batch["attention_mask"][row].bool()
         torch.testing.assert_close(batched[row][real], logits, atol=1e-5, rtol=0)
-        got = out[row, batch["input_ids"].shape[1]:]
-        assert torch.equal(got[:len(tokens)], tokens)
+        got = out[row, batch["input_ids"].shape[1] :]
+        assert torch.equal(got[: len(tokens)], tokens)
 
 
 def test_text_only_has_no_image_work(reference_model):

@@ -21,10 +21,23 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference-tiny"
 
 
 def config(output_dir: Path, **changes) -> dict:
-    return {"model_config": "tiny", "tokenizer": str(REFERENCE), "cpu": True, "output_dir": str(output_dir),
-            "objective": "patches", "data": [{"type": "synthetic", "seed": 1, "size": 56},
-                                             {"type": "synthetic", "seed": 2, "size": 56, "easy": True}],
-            "batch_size": 8, "max_steps": 12, "lr": 3e-3, "save_every": 0, "eval_every": 0, **changes}
+    return {
+        "model_config": "tiny",
+        "tokenizer": str(REFERENCE),
+        "cpu": True,
+        "output_dir": str(output_dir),
+        "objective": "patches",
+        "data": [
+            {"type": "synthetic", "seed": 1, "size": 56},
+            {"type": "synthetic", "seed": 2, "size": 56, "easy": True},
+        ],
+        "batch_size": 8,
+        "max_steps": 12,
+        "lr": 3e-3,
+        "save_every": 0,
+        "eval_every": 0,
+        **changes,
+    }
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -69,14 +82,20 @@ def test_only_synthetic_sources_are_accepted(tmp_path):
 
 # The head reads the ViT's patches (only the ViT trains) or the decoder's image tokens (the
 # adapter's linear_proj trains too; boi/eoi are not read, so they stay).
-@pytest.mark.parametrize("features, trained", [
-    ("vit", ("model.vision.patch_embedding.", "model.vision.transformer.")),
-    ("image_tokens", ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.linear_proj.")),
-])
+@pytest.mark.parametrize(
+    "features, trained",
+    [
+        ("vit", ("model.vision.patch_embedding.", "model.vision.transformer.")),
+        ("image_tokens", ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.linear_proj.")),
+    ],
+)
 def test_patches_stage_trains_only_what_the_head_reads_and_lowers_the_loss(tmp_path, features, trained):
     CogVLMForCausalLM(PRESETS["tiny"]).init_weights().save_pretrained(tmp_path / "init")
-    final = run(config(tmp_path / "run", model=str(tmp_path / "init"), eval_every=12, eval_batch_size=8,
-                       patch_features=features))
+    final = run(
+        config(
+            tmp_path / "run", model=str(tmp_path / "init"), eval_every=12, eval_batch_size=8, patch_features=features
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"eval_patch_kind_acc", "eval_patch_color_acc", "eval_patch_box_l1"} <= set(records[-1])
@@ -96,14 +115,30 @@ def test_patches_resume_is_exact_and_a_language_stage_follows(tmp_path):
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "b")][-1] == "step-12"
     a, b = weights(baseline), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(load_file(baseline / HEAD_FILE).values(),
-                                                   load_file(resumed / HEAD_FILE).values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(load_file(baseline / HEAD_FILE).values(), load_file(resumed / HEAD_FILE).values())
+    )
     # A language stage after it starts from its ViT.
-    staged = run(config(tmp_path / "c", data=[], objective="lm", stages=[
-        {"name": "eyes", "objective": "patches", "data": config(tmp_path)["data"], "max_steps": 2},
-        {"name": "talk", "data": [{"type": "synthetic", "seed": 3, "size": 56, "per_scene": 2}],
-         "batch_size": 2, "max_steps": 2}]))
+    staged = run(
+        config(
+            tmp_path / "c",
+            data=[],
+            objective="lm",
+            stages=[
+                {"name": "eyes", "objective": "patches", "data": config(tmp_path)["data"], "max_steps": 2},
+                {
+                    "name": "talk",
+                    "data": [{"type": "synthetic", "seed": 3, "size": 56, "per_scene": 2}],
+                    "batch_size": 2,
+                    "max_steps": 2,
+                },
+            ],
+        )
+    )
     eyes = weights(tmp_path / "c" / "eyes" / "checkpoints" / "step-2")
     assert staged.parent.parent.name == "talk" and not (staged / HEAD_FILE).exists()
-    assert not torch.equal(weights(staged)["model.vision.transformer.layers.0.mlp.fc1.weight"],
-                           eyes["model.vision.transformer.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(
+        weights(staged)["model.vision.transformer.layers.0.mlp.fc1.weight"],
+        eyes["model.vision.transformer.layers.0.mlp.fc1.weight"],
+    )

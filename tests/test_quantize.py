@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from cogvlm import CogVLMForCausalLM
-
-from cogvlm.errors import CheckpointError, SettingsError
 from cogvlm.cli import main
+from cogvlm.errors import CheckpointError, SettingsError
 from cogvlm.loading.quantize import read_quantization
 from cogvlm.loading.save_quantized import quantize_checkpoint
 
 TOLERANCE = {"int8": 0.03, "int4": 0.30, "nf4": 0.30}
-GENERATED = ("batch_mixed", "chat_img_hist", "vqa_text_hist")   # images, text, padding, history
+GENERATED = ("batch_mixed", "chat_img_hist", "vqa_text_hist")  # images, text, padding, history
 
 
 def run_cases(model, reference_tensors, generate=False, names=None):
@@ -41,8 +40,12 @@ def run_cases(model, reference_tensors, generate=False, names=None):
         if "images" in t:
             it = iter(t["images"])
             images = [[next(it)] if n else [] for n in t["images_per_sample"].tolist()]
-        args = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"],
-                    attention_mask=t["attention_mask"], images=images)
+        args = dict(
+            input_ids=t["input_ids"],
+            token_type_ids=t["token_type_ids"],
+            attention_mask=t["attention_mask"],
+            images=images,
+        )
         with torch.no_grad():
             logits.append(model(**args).logits[t["attention_mask"].bool()])
         if generate and name in GENERATED:
@@ -60,12 +63,13 @@ def relative_error(got, want):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
-def test_quantised_close_to_fp32_and_generates(method, reference_dir, reference_model, reference_tensors,
-                                               fp32_logits):
+def test_quantised_close_to_fp32_and_generates(method, reference_dir, reference_model, reference_tensors, fp32_logits):
     model = CogVLMForCausalLM.from_pretrained(reference_dir, quantize=method)
-    if method == "nf4":   # on CPU it dequantises at every call (a reference path): three cases, no generation
-        error = relative_error(run_cases(model, reference_tensors, names=GENERATED)[0],
-                               run_cases(reference_model, reference_tensors, names=GENERATED)[0])
+    if method == "nf4":  # on CPU it dequantises at every call (a reference path): three cases, no generation
+        error = relative_error(
+            run_cases(model, reference_tensors, names=GENERATED)[0],
+            run_cases(reference_model, reference_tensors, names=GENERATED)[0],
+        )
         assert error < TOLERANCE[method], error
         return
     logits, outputs = run_cases(model, reference_tensors, generate=True)
@@ -75,8 +79,8 @@ def test_quantised_close_to_fp32_and_generates(method, reference_dir, reference_
         want, prompt = reference_tensors[f"{name}.sequences"], reference_tensors[f"{name}.input_ids"]
         if method == "int8":
             assert torch.equal(out, want), name
-        else:   # a prompt, then at most as many new tokens (an early eos ends a row sooner)
-            assert torch.equal(out[:, :prompt.shape[1]], prompt) and out.shape[1] <= want.shape[1]
+        else:  # a prompt, then at most as many new tokens (an early eos ends a row sooner)
+            assert torch.equal(out[:, : prompt.shape[1]], prompt) and out.shape[1] <= want.shape[1]
 
 
 def test_what_is_quantised(reference_dir):
@@ -84,8 +88,8 @@ def test_what_is_quantised(reference_dir):
     layer = model.model.layers[0]
     assert type(layer.mlp.vision_mlp.down_proj.weight).__name__ == "Int8Tensor"
     assert type(layer.self_attn.language_expert_query_key_value.weight).__name__ == "Int8Tensor"
-    assert type(model.lm_head.weight) is torch.nn.Parameter                       # never
-    assert type(model.model.vision.transformer.layers[0].mlp.fc1.weight) is torch.nn.Parameter   # by default
+    assert type(model.lm_head.weight) is torch.nn.Parameter  # never
+    assert type(model.model.vision.transformer.layers[0].mlp.fc1.weight) is torch.nn.Parameter  # by default
     assert type(layer.input_layernorm.weight) is torch.nn.Parameter
     vision = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int4", quantize_vision=True).model.vision
     assert type(vision.transformer.layers[0].attention.dense.weight).__name__ == "Int4OpaqueTensor"
@@ -93,25 +97,34 @@ def test_what_is_quantised(reference_dir):
 
 
 def test_quantised_with_a_device_map(reference_dir, reference_tensors):
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
-                  "model.vision": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.vision": "cpu",
+        "lm_head": "cpu",
+    }
     mapped = CogVLMForCausalLM.from_pretrained(reference_dir, device_map=device_map, quantize="int8")
     plain = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int8")
-    torch.testing.assert_close(run_cases(mapped, reference_tensors, names=GENERATED)[0],
-                               run_cases(plain, reference_tensors, names=GENERATED)[0], atol=0, rtol=0)
+    torch.testing.assert_close(
+        run_cases(mapped, reference_tensors, names=GENERATED)[0],
+        run_cases(plain, reference_tensors, names=GENERATED)[0],
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_saved_checkpoint_round_trip(reference_dir, reference_tensors, tmp_path):
     out = tmp_path / "int8"
     assert main(["quantize", str(reference_dir), str(out), "--method", "int8", "--max-shard-size", "40KB"]) == 0
-    assert len(list(out.glob("model-*.safetensors"))) > 1           # parts of a weight may straddle shards
+    assert len(list(out.glob("model-*.safetensors"))) > 1  # parts of a weight may straddle shards
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["method"] == "int8" and read_quantization(out)["quantize_vision"] is False
     assert (out / "tokenizer.model").is_file() and not (out / "cases.safetensors").exists()
     saved = CogVLMForCausalLM.from_pretrained(out).state_dict()
     on_the_fly = CogVLMForCausalLM.from_pretrained(reference_dir, quantize="int8").state_dict()
     assert saved.keys() == on_the_fly.keys()
-    for name, tensor in on_the_fly.items():   # the same quantised data and scales, bit for bit
+    for name, tensor in on_the_fly.items():  # the same quantised data and scales, bit for bit
         assert type(saved[name]) is type(tensor), name
         parts = tensor.__tensor_flatten__()[0] if type(tensor) is not torch.Tensor else [None]
         for part in parts:
@@ -144,17 +157,18 @@ def test_bitsandbytes_module_swap():
     x = torch.randn(3, 64)
     want = linear(x)
     got = _bnb_nf4(linear)(x)
-    assert relative_error(got.detach(), want.detach()) < 0.15   # one nf4 matrix: ~9 % (see the top)
+    assert relative_error(got.detach(), want.detach()) < 0.15  # one nf4 matrix: ~9 % (see the top)
 
 
 # ---- CUDA (skipped by default; never run in CI) ----------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
 def test_cuda_quantised_close_to_fp32(method, reference_dir, reference_tensors, fp32_logits):
     model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="bfloat16", device="cuda", quantize=method)
     logits = run_cases(model, reference_tensors)[0].cpu()
-    assert relative_error(logits, fp32_logits) < TOLERANCE[method] + 0.02   # + bf16's own ~1 %
+    assert relative_error(logits, fp32_logits) < TOLERANCE[method] + 0.02  # + bf16's own ~1 %
 
 
 @pytest.mark.gpu
@@ -165,8 +179,14 @@ def test_cuda_fp16_close_to_fp32(reference_dir, reference_tensors, fp32_logits):
 
 @pytest.mark.gpu
 def test_cuda_map_with_cpu_offload(reference_dir, reference_model, reference_tensors):
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-                  "model.norm": 0, "model.vision": "cpu", "lm_head": 0}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.norm": 0,
+        "model.vision": "cpu",
+        "lm_head": 0,
+    }
     model = CogVLMForCausalLM.from_pretrained(reference_dir, device_map=device_map)
     logits, outputs = run_cases(model, reference_tensors, generate=True)
     torch.testing.assert_close(logits.cpu(), run_cases(reference_model, reference_tensors)[0], atol=1e-4, rtol=0)

@@ -13,17 +13,35 @@ from PIL import Image
 from cogvlm.model.positions import build_position_ids
 from cogvlm.prompts import collate
 
-CASES = ["chat_img", "chat_img_hist", "vqa_img", "vqa_img_hist", "base_img", "base_img_hist",
-         "chat_text", "vqa_text_hist", "base_text_vicuna", "batch_equal", "batch_padded", "batch_mixed"]
+CASES = [
+    "chat_img",
+    "chat_img_hist",
+    "vqa_img",
+    "vqa_img_hist",
+    "base_img",
+    "base_img_hist",
+    "chat_text",
+    "vqa_text_hist",
+    "base_text_vicuna",
+    "batch_equal",
+    "batch_padded",
+    "batch_mixed",
+]
 
 
 def build_case(model, tokenizer, reference_dir, case: dict) -> dict:
     samples = []
     for member in case["members"]:
         images = [Image.open(reference_dir / "images" / member["image"])] if member.get("image") else None
-        samples.append(model.build_conversation_input_ids(
-            tokenizer, query=member["query"], history=[tuple(h) for h in member["history"]],
-            images=images, template_version=member["template_version"]))
+        samples.append(
+            model.build_conversation_input_ids(
+                tokenizer,
+                query=member["query"],
+                history=[tuple(h) for h in member["history"]],
+                images=images,
+                template_version=member["template_version"],
+            )
+        )
     return collate(samples, pad_token_id=tokenizer.pad_token_id)
 
 
@@ -32,8 +50,7 @@ def test_all_cases_listed(reference_cases):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_inputs_exact(name, reference_model, reference_tokenizer, reference_dir, reference_cases,
-                      reference_tensors):
+def test_inputs_exact(name, reference_model, reference_tokenizer, reference_dir, reference_cases, reference_tensors):
     batch = build_case(reference_model, reference_tokenizer, reference_dir, reference_cases[name])
     for key in ("input_ids", "token_type_ids", "attention_mask"):
         assert torch.equal(batch[key], reference_tensors[f"{name}.{key}"]), key
@@ -58,8 +75,12 @@ def test_features_and_logits(name, reference_model, reference_tensors):
         it = iter(t["images"])
         images = [[next(it)] if n else [] for n in t["images_per_sample"].tolist()]
     with torch.no_grad():
-        logits = reference_model(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"],
-                                 attention_mask=t["attention_mask"], images=images).logits
+        logits = reference_model(
+            input_ids=t["input_ids"],
+            token_type_ids=t["token_type_ids"],
+            attention_mask=t["attention_mask"],
+            images=images,
+        ).logits
     real = t["attention_mask"].bool()
     torch.testing.assert_close(logits[real], t["logits"][real], atol=1e-4, rtol=0)
 
@@ -72,11 +93,16 @@ def test_greedy_generation(name, reference_model, reference_tensors, reference_c
         it = iter(t["images"])
         images = [[next(it)] if n else [] for n in t["images_per_sample"].tolist()]
     n_new = t["new_tokens"].shape[1]
-    out = reference_model.generate(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"],
-                                   attention_mask=t["attention_mask"], images=images,
-                                   max_new_tokens=n_new, do_sample=False)
+    out = reference_model.generate(
+        input_ids=t["input_ids"],
+        token_type_ids=t["token_type_ids"],
+        attention_mask=t["attention_mask"],
+        images=images,
+        max_new_tokens=n_new,
+        do_sample=False,
+    )
     assert torch.equal(out, t["sequences"])
-    assert torch.equal(out[:, t["input_ids"].shape[1]:], t["new_tokens"])
+    assert torch.equal(out[:, t["input_ids"].shape[1] :], t["new_tokens"])
 
 
 def test_decoded_text(reference_tokenizer, reference_tensors, reference_cases):
@@ -107,5 +133,6 @@ def test_generation_scores_through_cache(name, reference_model, reference_tensor
         for i in range(steps):
             torch.testing.assert_close(logits, t["gen_scores"][i], atol=1e-4, rtol=0)
             pos = pos + 1
-            logits = decode_one_token(reference_model, t["new_tokens"][:, i], pos,
-                                      mask[:, :length + i + 1], cache, length + i)
+            logits = decode_one_token(
+                reference_model, t["new_tokens"][:, i], pos, mask[:, : length + i + 1], cache, length + i
+            )

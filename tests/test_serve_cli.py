@@ -17,8 +17,17 @@ from cogvlm.cli import main
 LAUNCH = "import sys; from cogvlm.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"
 
 
-@pytest.mark.parametrize("argv", [["--model", "/nonexistent"], ["--max-batch", "0"], ["--max-queue", "-1"],
-                                  ["--timeout", "0"], ["--port", "http"], ["--bogus"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "/nonexistent"],
+        ["--max-batch", "0"],
+        ["--max-queue", "-1"],
+        ["--timeout", "0"],
+        ["--port", "http"],
+        ["--bogus"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, reference_dir, capsys):
     argv = argv if argv[0] == "--model" else ["--model", str(reference_dir), *argv]
     assert main(["serve", *argv]) == 2
@@ -32,9 +41,25 @@ def test_help(capsys):
 
 
 def test_serve_process(reference_dir):
-    process = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(reference_dir), "--port", "0",
-                                "--api-key", "k", "--max-batch", "2", "--device", "cpu"],
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            "--model",
+            str(reference_dir),
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--max-batch",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = None
         while url is None:
@@ -48,8 +73,11 @@ def test_serve_process(reference_dir):
             time.sleep(0.05)
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         assert [m["id"] for m in models["data"]] == ["reference-tiny", "cogvlm-chat-17b"]
-        reply = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
-                           json={"model": "reference-tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]})
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": "Bearer k"},
+            json={"model": "reference-tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]},
+        )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
     finally:
         process.send_signal(signal.SIGINT)

@@ -32,25 +32,34 @@ def ask(text: str) -> list[dict]:
     buffer = io.BytesIO()
     Image.open(SCENE).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return [{"role": "user", "content": [{"type": "text", "text": text},
-                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    ]
 
 
 def test_models_and_answers(client, vlm):
     assert [m.id for m in client.models.list().data] == ["tiny-shapes"]
-    reply = client.chat.completions.create(model="tiny-shapes", messages=ask("What color is the circle?"),
-                                           max_tokens=8)
+    reply = client.chat.completions.create(model="tiny-shapes", messages=ask("What color is the circle?"), max_tokens=8)
     expected = vlm.chat("What color is the circle?", SCENE, max_new_tokens=8)
     assert reply.choices[0].message.content == expected and expected
-    stream = client.chat.completions.create(model="tiny-shapes", messages=ask("Describe the image."),
-                                            max_tokens=40, stream=True, extra_body={"template_version": "chat"})
+    stream = client.chat.completions.create(
+        model="tiny-shapes",
+        messages=ask("Describe the image."),
+        max_tokens=40,
+        stream=True,
+        extra_body={"template_version": "chat"},
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == vlm.chat("Describe the image.", SCENE, template_version="chat", max_new_tokens=40)
 
 
 def test_grounding_boxes(client, vlm):
-    reply = client.chat.completions.create(model="tiny-shapes", messages=ask("Where is the red star?"),
-                                           max_tokens=32, extra_body={"template_version": "base"})
+    reply = client.chat.completions.create(
+        model="tiny-shapes",
+        messages=ask("Where is the red star?"),
+        max_tokens=32,
+        extra_body={"template_version": "base"},
+    )
     message = reply.choices[0].message
     assert message.content == vlm.chat("Where is the red star?", SCENE, template_version="base", max_new_tokens=32)
     assert "[[" in message.content

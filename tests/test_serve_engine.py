@@ -20,9 +20,12 @@ from cogvlm.pipeline import Pipeline
 from cogvlm.serve import EngineSettings, ServeSettings, create_app, running
 from cogvlm.serve.engine import Engine, QueueFull
 
-HISTORY = [("What is in the image?", "a red cat."), ("Is there a blue box?", "yes, on the left."),
-           ("And a green star?", "no, there is no star in this picture at all."),
-           ("What is the cat doing?", "it sleeps on a yellow chair next to the window.")]
+HISTORY = [
+    ("What is in the image?", "a red cat."),
+    ("Is there a blue box?", "yes, on the left."),
+    ("And a green star?", "no, there is no star in this picture at all."),
+    ("What is the cat doing?", "it sleeps on a yellow chair next to the window."),
+]
 
 
 class Instrumented:
@@ -86,8 +89,8 @@ async def wait_until(condition, seconds: float = 5.0) -> None:
 def test_a_request_joins_the_running_batch_and_matches_alone(vlm, images):
     engine, model = engine_for(vlm, max_batch=4, delay=0.002)
     first = vlm.build("Describe this image.", images[0])
-    longer = vlm.build("Where is the dog?", images[1], HISTORY)   # longer than the running cache
-    short = vlm.build("Hi")                                        # text only, in an image batch
+    longer = vlm.build("Where is the dog?", images[1], HISTORY)  # longer than the running cache
+    short = vlm.build("Hi")  # text only, in an image batch
 
     async def scenario():
         a = engine.submit(first, GenerationConfig(max_new_tokens=80), "a")
@@ -96,8 +99,10 @@ def test_a_request_joins_the_running_batch_and_matches_alone(vlm, images):
             event = await a.events.get()
             assert event.kind == "text", event
             head += event.text
-        joined = [asyncio.create_task(finish(engine.submit(s, GenerationConfig(max_new_tokens=n), r)))
-                  for s, n, r in ((longer, 30, "b"), (short, 20, "c"))]
+        joined = [
+            asyncio.create_task(finish(engine.submit(s, GenerationConfig(max_new_tokens=n), r)))
+            for s, n, r in ((longer, 30, "b"), (short, 20, "c"))
+        ]
         rest, end = await finish(a)
         return [(head + rest, end)] + await asyncio.gather(*joined)
 
@@ -105,9 +110,11 @@ def test_a_request_joins_the_running_batch_and_matches_alone(vlm, images):
         results = run(scenario())
     finally:
         engine.close()
-    alone = [vlm.chat("Describe this image.", images[0], max_new_tokens=80),
-             vlm.chat("Where is the dog?", images[1], HISTORY, max_new_tokens=30),
-             vlm.chat("Hi", max_new_tokens=20)]
+    alone = [
+        vlm.chat("Describe this image.", images[0], max_new_tokens=80),
+        vlm.chat("Where is the dog?", images[1], HISTORY, max_new_tokens=30),
+        vlm.chat("Hi", max_new_tokens=20),
+    ]
     assert [text for text, _ in results] == alone
     assert all(end.kind == "done" and end.finish_reason == "length" for _, end in results)
     sizes = model.decode_batch_sizes()
@@ -142,9 +149,9 @@ def test_queue_limit_and_cancel_free_slots(vlm):
         waiting = engine.submit(sample, GenerationConfig(max_new_tokens=5), "b")
         with pytest.raises(QueueFull):
             engine.submit(sample, GenerationConfig(max_new_tokens=5), "c")
-        engine.cancel(waiting)                                   # leaves the queue at once
+        engine.cancel(waiting)  # leaves the queue at once
         assert engine.stats() == {"running": 1, "waiting": 0}
-        engine.cancel(running)                                   # leaves the batch at the next step
+        engine.cancel(running)  # leaves the batch at the next step
         await wait_until(lambda: engine.stats()["running"] == 0)
         return await finish(engine.submit(sample, GenerationConfig(max_new_tokens=5), "d"))
 
@@ -178,11 +185,12 @@ def test_a_model_failure_fails_its_requests_not_the_worker(vlm, caplog):
     finally:
         engine.close()
     assert failed[1].kind == "error" and failed[1].error == "internal"
-    assert "one" in caplog.text                                  # logged with the request id
+    assert "one" in caplog.text  # logged with the request id
     assert served[1].kind == "done" and served[0] == vlm.chat("Hi", max_new_tokens=10)
 
 
 # ---- the same, over HTTP ------------------------------------------------------------------
+
 
 def data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
@@ -213,31 +221,38 @@ async def post(client: httpx.AsyncClient, request: dict) -> str:
 
 
 def serve(vlm, model: Instrumented, **engine):
-    app = create_app(Pipeline(model, vlm.tokenizer), ServeSettings(model_names=("tiny",),
-                                                                  engine=EngineSettings(**engine)))
+    app = create_app(
+        Pipeline(model, vlm.tokenizer), ServeSettings(model_names=("tiny",), engine=EngineSettings(**engine))
+    )
     return running(app)
 
 
 def test_concurrent_http_requests_each_get_their_lone_answer(vlm, images):
     questions = ["Describe this image.", "What color is the star?", "Where is the dog?", "A picture of"]
-    requests = [body(q, img, max_tokens=20 + 5 * i, stream=i % 2 == 1) for i, (q, img) in enumerate(zip(questions, images))]
+    requests = [
+        body(q, img, max_tokens=20 + 5 * i, stream=i % 2 == 1) for i, (q, img) in enumerate(zip(questions, images))
+    ]
     requests.append(body("What is a cat?", max_tokens=30, stop=["ing"]))
     requests.append(body("Describe this image.", images[3], max_tokens=20, temperature=1.0, seed=5, stream=True))
     alone = [vlm.chat(q, img, max_new_tokens=20 + 5 * i) for i, (q, img) in enumerate(zip(questions, images))]
-    alone += [vlm.chat("What is a cat?", max_new_tokens=30, stop=["ing"]),
-              vlm.chat("Describe this image.", images[3], max_new_tokens=20, do_sample=True, temperature=1.0, seed=5)]
+    alone += [
+        vlm.chat("What is a cat?", max_new_tokens=30, stop=["ing"]),
+        vlm.chat("Describe this image.", images[3], max_new_tokens=20, do_sample=True, temperature=1.0, seed=5),
+    ]
     model = Instrumented(vlm.model, delay=0.002)
     with serve(vlm, model, max_batch=8) as url:
+
         async def together():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 return await asyncio.gather(*(post(client, r) for r in requests))
+
         answers = run(together())
     assert answers == alone
     assert max(model.decode_batch_sizes()) > 1
 
 
 def test_a_client_that_disconnects_frees_its_slot(vlm):
-    model = Instrumented(vlm.model, delay=0.005)   # 2000 tokens would take 10 s
+    model = Instrumented(vlm.model, delay=0.005)  # 2000 tokens would take 10 s
     with serve(vlm, model, max_batch=1, max_queue=0) as url:
         for stream in (True, False):
             with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=0.3)) as client:
@@ -249,7 +264,9 @@ def test_a_client_that_disconnects_frees_its_slot(vlm):
                     with pytest.raises(httpx.ReadTimeout):
                         client.post("/v1/chat/completions", json=long)
             deadline = time.monotonic() + 3
-            while (response := httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=3))).status_code == 429:
+            while (
+                response := httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=3))
+            ).status_code == 429:
                 assert time.monotonic() < deadline, "the disconnected request kept its slot"
                 time.sleep(0.02)
             assert response.status_code == 200
@@ -283,8 +300,14 @@ def test_a_model_failure_is_a_generic_500_logged_with_the_request_id(vlm, caplog
         with caplog.at_level(logging.ERROR, "cogvlm.serve"):
             response = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=5))
     assert response.status_code == 500
-    assert response.json() == {"error": {"message": "internal error while generating the answer",
-                                         "type": "server_error", "param": None, "code": None}}
+    assert response.json() == {
+        "error": {
+            "message": "internal error while generating the answer",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
     assert response.headers["x-request-id"] in caplog.text
 
 

@@ -19,8 +19,15 @@ from cogvlm.serve import ServeSettings, create_app, running
 SCRIPT = ["A red ", "star ", "[[100,", "200,", "400,", "600]]", " and a ", "cat ", "[[500,500,900,950]]", "."]
 ANSWER = "".join(SCRIPT)
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 class ScriptedTokenizer:
@@ -33,7 +40,7 @@ class ScriptedTokenizer:
         return getattr(self.tokenizer, name)
 
     def decode(self, ids, **kwargs) -> str:
-        return "".join(SCRIPT[:len(ids)])
+        return "".join(SCRIPT[: len(ids)])
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +57,26 @@ def image_path(reference_dir) -> Path:
 
 def ask(client: openai.OpenAI, image_path: Path, **options):
     url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
-    return client.chat.completions.create(model="tiny", max_tokens=len(SCRIPT), **options, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "Where are the star and the cat?"},
-                                     {"type": "image_url", "image_url": {"url": url}}]}])
+    return client.chat.completions.create(
+        model="tiny",
+        max_tokens=len(SCRIPT),
+        **options,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Where are the star and the cat?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+    )
 
 
-EXPECTED = [{"label": "A red star", "box": [0.1, 0.2, 0.4, 0.6], "pixels": [6, 9, 25, 28]},
-            {"label": "and a cat", "box": [0.5, 0.5, 0.9, 0.95], "pixels": [32, 24, 57, 45]}]
+EXPECTED = [
+    {"label": "A red star", "box": [0.1, 0.2, 0.4, 0.6], "pixels": [6, 9, 25, 28]},
+    {"label": "and a cat", "box": [0.5, 0.5, 0.9, 0.95], "pixels": [32, 24, 57, 45]},
+]
 
 
 def test_boxes_next_to_the_answer(url, image_path):
@@ -78,12 +98,15 @@ def test_no_boxes_field_without_boxes(url):
 
 def drop_file(page, path: Path) -> None:
     """Drop a file on the drop zone, as a person dragging it from their desktop would."""
-    transfer = page.evaluate_handle("""([name, b64]) => {
+    transfer = page.evaluate_handle(
+        """([name, b64]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, {type: "image/png"}));
         return transfer;
-    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+    }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
 
@@ -117,14 +140,14 @@ def test_the_page_streams_the_answer_and_draws_the_boxes(url, image_path):
             assert abs(star["width"] - 0.3 * picture["width"]) < 4
             assert abs(star["height"] - 0.4 * picture["height"]) < 4
             sync_api.expect(boxes.nth(1)).to_contain_text("and a cat")
-            page.fill("#question", "And now?")                  # a second turn sends the history
+            page.fill("#question", "And now?")  # a second turn sends the history
             page.keyboard.press("Enter")
             sync_api.expect(page.locator(".turn.assistant:not(.streaming)")).to_have_count(2)
             page.click("#clear")
             sync_api.expect(page.locator("#log .turn")).to_have_count(0)
             sync_api.expect(boxes).to_have_count(0)
             shown = page.locator("#picture").get_attribute("src")
-            drop_file(page, image_path.parent / "img1.png")     # dropping an image replaces it
+            drop_file(page, image_path.parent / "img1.png")  # dropping an image replaces it
             sync_api.expect(page.locator("#picture")).not_to_have_attribute("src", shown)
             assert not errors
         finally:

@@ -55,17 +55,43 @@ def test_an_animated_gif_gives_its_first_frame():
     assert decode_image(data, MediaPolicy()).getpixel((4, 4))[0] > 200
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-    "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "::", "::1", "fe80::1", "fc00::1",
-    "fd00:ec2::254", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::1",
-    "2002:a9fe:a9fe::1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2001:db8::1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.9.9.9",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "::",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "fd00:ec2::254",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "2001:db8::1",
+    ],
+)
 def test_non_public_addresses(address):
     assert not is_public(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+)
 def test_public_addresses(address):
     assert is_public(ipaddress.ip_address(address))
 
@@ -102,6 +128,7 @@ def test_a_slow_server_times_out(httpserver):
     def slow(request):
         time.sleep(1.0)
         return Response(PNG, content_type="image/png")
+
     httpserver.expect_request("/slow.png").respond_with_handler(slow)
     started = time.monotonic()
     assert "timed out" in refused(httpserver.url_for("/slow.png"), replace(LOOPBACK, timeout_s=0.3)).message
@@ -110,35 +137,53 @@ def test_a_slow_server_times_out(httpserver):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("respond, words", [
-    (lambda s: s.respond_with_data(b"\x89PNG" + bytes(60_000), content_type="image/png"), "over the limit"),
-    (lambda s: s.respond_with_data(b"no", status=404), "HTTP 404"),
-    (lambda s: s.respond_with_data(b"boom", status=500), "HTTP 500"),
-    (lambda s: s.respond_with_data(b"<html></html>", content_type="text/html"), "did not answer with an image"),
-    (lambda s: s.respond_with_data(b"plain text, not an image", content_type="application/octet-stream"),
-     "not a PNG, JPEG, WebP or GIF"),
-])
+@pytest.mark.parametrize(
+    "respond, words",
+    [
+        (lambda s: s.respond_with_data(b"\x89PNG" + bytes(60_000), content_type="image/png"), "over the limit"),
+        (lambda s: s.respond_with_data(b"no", status=404), "HTTP 404"),
+        (lambda s: s.respond_with_data(b"boom", status=500), "HTTP 500"),
+        (lambda s: s.respond_with_data(b"<html></html>", content_type="text/html"), "did not answer with an image"),
+        (
+            lambda s: s.respond_with_data(b"plain text, not an image", content_type="application/octet-stream"),
+            "not a PNG, JPEG, WebP or GIF",
+        ),
+    ],
+)
 def test_bad_remote_answers(httpserver, respond, words):
     respond(httpserver.expect_request("/x"))
     assert words in refused(httpserver.url_for("/x")).message
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.png", "gopher://127.0.0.1/",
-                                 "http://", "http://[::1/x"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://127.0.0.1/x.png", "gopher://127.0.0.1/", "http://", "http://[::1/x"]
+)
 def test_other_schemes_and_broken_urls(url):
     refused(url)
 
 
-def test_end_to_end_a_fetched_image_answers_as_the_same_image_sent_inline(httpserver, reference_model,
-                                                                          reference_tokenizer, reference_dir):
+def test_end_to_end_a_fetched_image_answers_as_the_same_image_sent_inline(
+    httpserver, reference_model, reference_tokenizer, reference_dir
+):
     data = (reference_dir / "images" / "img1.png").read_bytes()
     httpserver.expect_request("/img1.png").respond_with_data(data, content_type="image/png")
     settings = ServeSettings(model_names=("tiny",), media=LOOPBACK)
     answers = []
     with running(create_app(Pipeline(reference_model, reference_tokenizer), settings)) as url:
         for image_url in (httpserver.url_for("/img1.png"), "data:image/png;base64," + base64.b64encode(data).decode()):
-            request = {"model": "tiny", "max_tokens": 12, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "Describe this image."}, {"type": "image_url", "image_url": {"url": image_url}}]}]}
+            request = {
+                "model": "tiny",
+                "max_tokens": 12,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Describe this image."},
+                            {"type": "image_url", "image_url": {"url": image_url}},
+                        ],
+                    }
+                ],
+            }
             response = httpx.post(url + "/v1/chat/completions", json=request)
             assert response.status_code == 200, response.text
             answers.append(response.json()["choices"][0]["message"]["content"])

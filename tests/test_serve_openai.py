@@ -59,13 +59,14 @@ def test_models(client):
 
 
 def test_plain_answer_equals_the_pipeline(client, vlm, picture):
-    reply = client.chat.completions.create(model="reference-tiny", max_tokens=24,
-                                           messages=[user("Describe this image.", picture)])
+    reply = client.chat.completions.create(
+        model="reference-tiny", max_tokens=24, messages=[user("Describe this image.", picture)]
+    )
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert choice.message.content == vlm.chat("Describe this image.", picture, max_new_tokens=24)
-    prompt = len(vlm.build("Describe this image.", picture)["input_ids"])   # image tokens included
+    prompt = len(vlm.build("Describe this image.", picture)["input_ids"])  # image tokens included
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt, 24)
     assert reply.usage.total_tokens == prompt + 24
 
@@ -73,8 +74,15 @@ def test_plain_answer_equals_the_pipeline(client, vlm, picture):
 def test_streaming_equals_plain(client, picture):
     messages = [user("What color is the star?", picture)]
     plain = client.chat.completions.create(model="reference-tiny", max_tokens=30, messages=messages)
-    chunks = list(client.chat.completions.create(model="reference-tiny", max_tokens=30, messages=messages,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="reference-tiny",
+            max_tokens=30,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -85,9 +93,13 @@ def test_streaming_equals_plain(client, picture):
 
 def test_multi_turn_history(client, vlm, picture):
     history = [("What is in the image?", "a red cat."), ("Is it big?", "no, small.")]
-    messages = [user(history[0][0], picture), {"role": "assistant", "content": history[0][1]},
-                {"role": "user", "content": history[1][0]}, {"role": "assistant", "content": history[1][1]},
-                {"role": "user", "content": "Where is it?"}]
+    messages = [
+        user(history[0][0], picture),
+        {"role": "assistant", "content": history[0][1]},
+        {"role": "user", "content": history[1][0]},
+        {"role": "assistant", "content": history[1][1]},
+        {"role": "user", "content": "Where is it?"},
+    ]
     reply = client.chat.completions.create(model="reference-tiny", max_tokens=20, messages=messages)
     assert reply.choices[0].message.content == vlm.chat("Where is it?", picture, history, max_new_tokens=20)
 
@@ -95,20 +107,37 @@ def test_multi_turn_history(client, vlm, picture):
 def test_stop_seed_and_template(client, vlm, picture):
     greedy = vlm.chat("Describe this image.", picture, template_version="vqa", max_new_tokens=40)
     stop = greedy[10:13]
-    reply = client.chat.completions.create(model="reference-tiny", max_tokens=40, stop=[stop],
-                                           messages=[user("Describe this image.", picture)],
-                                           extra_body={"template_version": "vqa"})
-    assert reply.choices[0].message.content == greedy[:greedy.index(stop)]
+    reply = client.chat.completions.create(
+        model="reference-tiny",
+        max_tokens=40,
+        stop=[stop],
+        messages=[user("Describe this image.", picture)],
+        extra_body={"template_version": "vqa"},
+    )
+    assert reply.choices[0].message.content == greedy[: greedy.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
-    sampled = [client.chat.completions.create(model="reference-tiny", max_tokens=20, temperature=1.2, seed=11,
-                                              messages=[user("Hi")]).choices[0].message.content for _ in range(2)]
+    sampled = [
+        client.chat.completions.create(
+            model="reference-tiny", max_tokens=20, temperature=1.2, seed=11, messages=[user("Hi")]
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1] == vlm.chat("Hi", max_new_tokens=20, do_sample=True, temperature=1.2, seed=11)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
 def test_image_formats(client, picture, fmt):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."},
-                                             {"type": "image_url", "image_url": {"url": data_url(picture, fmt)}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Describe this image."},
+                {"type": "image_url", "image_url": {"url": data_url(picture, fmt)}},
+            ],
+        }
+    ]
     reply = client.chat.completions.create(model="reference-tiny", max_tokens=3, messages=messages)
     assert reply.choices[0].message.content
 
@@ -126,12 +155,26 @@ def test_the_official_demo_requests(url, vlm, picture):
     """openai_demo/openai_api_request.py: JPEG data URL, history, sampling settings, its model id,
     `repetition_penalty`; read as that script does (non-streaming, and `data:` lines)."""
     image = data_url(picture, "JPEG")
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What's in this image?"},
-                                             {"type": "image_url", "image_url": {"url": image}}]},
-                {"role": "assistant", "content": "A wooden boardwalk."},
-                {"role": "user", "content": "Do you think this is a spring or winter photo?"}]
-    data = {"model": "cogvlm-chat-17b", "messages": messages, "stream": False, "max_tokens": 16,
-            "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.1}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What's in this image?"},
+                {"type": "image_url", "image_url": {"url": image}},
+            ],
+        },
+        {"role": "assistant", "content": "A wooden boardwalk."},
+        {"role": "user", "content": "Do you think this is a spring or winter photo?"},
+    ]
+    data = {
+        "model": "cogvlm-chat-17b",
+        "messages": messages,
+        "stream": False,
+        "max_tokens": 16,
+        "temperature": 0.8,
+        "top_p": 0.8,
+        "repetition_penalty": 1.1,
+    }
     reply = httpx.post(f"{url}/v1/chat/completions", json=data)
     assert reply.status_code == 200
     assert isinstance(reply.json().get("choices", [{}])[0].get("message", "").get("content", ""), str)
@@ -144,8 +187,12 @@ def test_the_official_demo_requests(url, vlm, picture):
     greedy = {**data, "temperature": 0, "repetition_penalty": 1.0}
     answer = httpx.post(f"{url}/v1/chat/completions", json=greedy).json()["choices"][0]["message"]["content"]
     history = [("What's in this image?", "A wooden boardwalk.")]
-    assert answer == vlm.chat(messages[-1]["content"], Image.open(io.BytesIO(base64.b64decode(image.split(",")[1]))),
-                              history, max_new_tokens=16)
+    assert answer == vlm.chat(
+        messages[-1]["content"],
+        Image.open(io.BytesIO(base64.b64decode(image.split(",")[1]))),
+        history,
+        max_new_tokens=16,
+    )
 
 
 def test_health_and_page(url):

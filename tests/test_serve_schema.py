@@ -11,15 +11,21 @@ from schemathesis import checks
 from cogvlm.pipeline import Pipeline
 from cogvlm.serve import ServeSettings, create_app, running
 
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-          checks.response_schema_conformance, checks.negative_data_rejection]
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+    checks.negative_data_rejection,
+]
 
 
 @pytest.fixture(scope="module")
 def api_schema(reference_model, reference_tokenizer):
     # default_max_tokens keeps the many fuzzed answers short
-    app = create_app(Pipeline(reference_model, reference_tokenizer),
-                     ServeSettings(model_names=("tiny",), default_max_tokens=2))
+    app = create_app(
+        Pipeline(reference_model, reference_tokenizer), ServeSettings(model_names=("tiny",), default_max_tokens=2)
+    )
     with running(app) as url:
         api = schemathesis.openapi.from_url(url + "/openapi.json")
 

@@ -10,9 +10,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from cogvlm import synthetic as S
 
@@ -73,14 +73,14 @@ def test_every_shape_visible_inside_and_disjoint(seed, size, easy):
         assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
         assert s.center == ((x0 + x1) / 2, (y0 + y1) / 2)
         region = img[y0:y1, x0:x1].astype(int)
-        match = (np.abs(region - np.array(scene.shape_rgb(i))).sum(-1) <= 6)
+        match = np.abs(region - np.array(scene.shape_rgb(i))).sum(-1) <= 6
         assert (np.abs(np.array(scene.shape_rgb(i)) - S.COLORS[s.color]) <= S.COLOR_JITTER).all()
         # Star is the sparsest shape (~45% of its box); allow a safety margin.
         assert match.mean() > 0.3, (s, match.mean())
         # Tight box: the shape touches every side of its box.
         assert match[0].any() and match[-1].any() and match[:, 0].any() and match[:, -1].any()
     for i, a in enumerate(scene.shapes):
-        for b in scene.shapes[i + 1:]:
+        for b in scene.shapes[i + 1 :]:
             assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
 
 
@@ -115,7 +115,7 @@ def test_coverage_over_many_scenes():
 def test_palette_distinct_from_backgrounds():
     cols = list(S.COLORS.values())
     for i, a in enumerate(cols):
-        for b in cols[i + 1:]:
+        for b in cols[i + 1 :]:
             assert sum(abs(x - y) for x, y in zip(a, b)) >= 80
         for bg in S.BACKGROUNDS.values():
             assert sum(abs(x - y) for x, y in zip(a, bg)) >= 150
@@ -221,12 +221,14 @@ def test_phrasings_vary():
 
 
 def test_exist_balanced_and_count_zero_occurs():
-    exist = [r["conversations"][1]["content"] for _, _, rs in S.iter_scenes(5, 300, tasks=["exist"], per_scene=1)
-             for r in rs]
+    exist = [
+        r["conversations"][1]["content"] for _, _, rs in S.iter_scenes(5, 300, tasks=["exist"], per_scene=1) for r in rs
+    ]
     assert len(exist) == 300
     assert 0.35 <= exist.count("yes") / 300 <= 0.65
-    counts = Counter(r["conversations"][1]["content"]
-                     for _, _, rs in S.iter_scenes(6, 300, tasks=["count"], per_scene=1) for r in rs)
+    counts = Counter(
+        r["conversations"][1]["content"] for _, _, rs in S.iter_scenes(6, 300, tasks=["count"], per_scene=1) for r in rs
+    )
     assert {"0", "1", "2", "3", "4"} <= set(counts)
 
 
@@ -246,8 +248,9 @@ def _task_of(question: str) -> str:
             for slot in ("k", "c", "o", "a", "b"):
                 pattern = pattern.replace(re.escape("{" + slot + "}"), ".+")
             if re.fullmatch(pattern, question):
-                return {"left": "relation", "right": "relation", "above": "relation",
-                        "below": "relation"}.get(key, key.split("_")[0] if key != "ground_caption" else key)
+                return {"left": "relation", "right": "relation", "above": "relation", "below": "relation"}.get(
+                    key, key.split("_")[0] if key != "ground_caption" else key
+                )
     raise AssertionError(f"no phrasing matches {question!r}")
 
 
@@ -273,16 +276,18 @@ def test_multi_turn_records_ask_distinct_correct_questions():
             for k, (q, a) in enumerate(zip(conv[::2], conv[1::2])):
                 task = rec["task"] if k == 0 else _task_of(q["content"])
                 assert k == 0 or S.TEMPLATE_OF_TASK[task] == "vqa"
-                _check_answer(scene, {"conversations": [q, a], "task": task,
-                                      "template_version": S.TEMPLATE_OF_TASK[task]})
+                _check_answer(
+                    scene, {"conversations": [q, a], "task": task, "template_version": S.TEMPLATE_OF_TASK[task]}
+                )
             lengths[(rec["template_version"], len(conv) // 2)] += 1
     vqa = {n: c for (t, n), c in lengths.items() if t == "vqa"}
     assert vqa.get(6, 0) > 0.9 * sum(vqa.values())
 
 
 def test_a_task_named_twice_is_drawn_twice_as_often():
-    tasks = Counter(r["task"] for _, _, rs in S.iter_scenes(9, 600, tasks=["caption", "caption", "ground"],
-                                                            per_scene=1) for r in rs)
+    tasks = Counter(
+        r["task"] for _, _, rs in S.iter_scenes(9, 600, tasks=["caption", "caption", "ground"], per_scene=1) for r in rs
+    )
     assert 1.6 <= tasks["caption"] / tasks["ground"] <= 2.5
 
 
@@ -290,7 +295,10 @@ def test_format_box_and_caption_parser():
     assert S.format_box((0, 0, 224, 224), 224, 224) == "[[000,000,999,999]]"
     assert S.format_box((22, 56, 112, 100), 224, 200) == "[[098,280,500,500]]"
     assert S.parse_caption_objects("A large Red circle, a blue star[[001,002,003,004]] and two green squares.") == {
-        ("red", "circle"), ("blue", "star"), ("green", "square")}
+        ("red", "circle"),
+        ("blue", "star"),
+        ("green", "square"),
+    }
     assert S.parse_caption_objects("nothing here") == set()
 
 

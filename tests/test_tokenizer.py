@@ -6,9 +6,16 @@ import pytest
 
 from cogvlm import CheckpointError, load_tokenizer
 
-TEXTS = ["Question: What color is the star? Short answer:", "  leading spaces and   runs",
-         "hello</s>world", "<s>start and unk <unk> here", "émoji 🙂 and 中文", "", "\nnew\nlines\n",
-         "A chat between a curious user and an artificial intelligence assistant. USER: hi ASSISTANT:"]
+TEXTS = [
+    "Question: What color is the star? Short answer:",
+    "  leading spaces and   runs",
+    "hello</s>world",
+    "<s>start and unk <unk> here",
+    "émoji 🙂 and 中文",
+    "",
+    "\nnew\nlines\n",
+    "A chat between a curious user and an artificial intelligence assistant. USER: hi ASSISTANT:",
+]
 
 
 def test_special_ids(reference_tokenizer):
@@ -45,7 +52,7 @@ def test_decode_round_trip(reference_tokenizer):
 
 def test_tokenizer_json(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, decoders
+    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -22,16 +22,17 @@ import yaml
 from safetensors.torch import load_file
 
 from cogvlm import PRESETS, CogVLMForCausalLM, synthetic
-from cogvlm.prompts import build_conversation_input_ids
 from cogvlm.cli import main
+from cogvlm.prompts import build_conversation_input_ids
 from cogvlm.train import checkpoint, data, load_config, run
+from cogvlm.train.config import TrainError
+from cogvlm.train.loop import MetricsLog, lr_factor
+from cogvlm.train.modes import PARTS, apply_mode, build_model, matches, param_groups
 
 
 def train_cli(argv: list[str]) -> int:
     return main(["train", *argv])
-from cogvlm.train.config import TrainError
-from cogvlm.train.loop import MetricsLog, lr_factor
-from cogvlm.train.modes import PARTS, apply_mode, build_model, matches, param_groups
+
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "fixtures" / "reference-tiny"
@@ -49,9 +50,19 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 def config(output_dir: Path, **changes) -> dict:
     """A from-scratch tiny run on in-memory synthetic scenes; `changes` override."""
-    return {"model_config": "tiny", "tokenizer": str(REFERENCE), "cpu": True, "output_dir": str(output_dir),
-            "data": [{"type": "synthetic", "seed": 1, "per_scene": 2}], "batch_size": 4,
-            "max_steps": 4, "lr": 3e-3, "save_every": 0, "eval_every": 0, **changes}
+    return {
+        "model_config": "tiny",
+        "tokenizer": str(REFERENCE),
+        "cpu": True,
+        "output_dir": str(output_dir),
+        "data": [{"type": "synthetic", "seed": 1, "per_scene": 2}],
+        "batch_size": 4,
+        "max_steps": 4,
+        "lr": 3e-3,
+        "save_every": 0,
+        "eval_every": 0,
+        **changes,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +90,24 @@ def _labelled_spans(example: dict) -> list[list[int]]:
 def test_labels_cover_exactly_the_assistant_text(reference_tokenizer, template):
     tok = reference_tokenizer
     image = synthetic.make_scene(random.Random(0), 28).render()
-    turns = (("What color is the circle?", "red"), ("How many shapes are there?", "3"),
-             ("Describe the image.", "a large red circle and a blue star."))
+    turns = (
+        ("What color is the circle?", "red"),
+        ("How many shapes are there?", "3"),
+        ("Describe the image.", "a large red circle and a blue star."),
+    )
     [conv] = data.split_conversation(image, turns, template, "test:1")
     example = data.build_example(conv, tok, TINY, max_length=512)
     spans = _labelled_spans(example)
     assert [tok.decode(s) for s in spans[:-1]] == ["red", "3"]
     assert spans[-1][-1] == tok.eos_token_id and tok.decode(spans[-1][:-1]) == turns[-1][1]
     # The prompt part is exactly the inference prompt for the last turn, history included.
-    prompt = build_conversation_input_ids(tok, TINY, query=turns[-1][0], history=list(turns[:-1]),
-                                          images=[image], template_version=template)
+    prompt = build_conversation_input_ids(
+        tok, TINY, query=turns[-1][0], history=list(turns[:-1]), images=[image], template_version=template
+    )
     n = len(prompt["input_ids"])
     assert torch.equal(example["input_ids"][:n], prompt["input_ids"])
     assert torch.equal(example["token_type_ids"][:n], prompt["token_type_ids"])
-    assert (example["token_type_ids"][n:] == 0).all() and (example["labels"][:TINY.image_tokens + 1] == -100).all()
+    assert (example["token_type_ids"][n:] == 0).all() and (example["labels"][: TINY.image_tokens + 1] == -100).all()
 
 
 def test_base_template_splits_turns_and_collate_pads_right(reference_tokenizer):
@@ -106,8 +121,9 @@ def test_base_template_splits_turns_and_collate_pads_right(reference_tokenizer):
     assert batch["attention_mask"][0, :short].all()
 
 
-def test_bad_records_are_reported_once_with_file_and_line_and_skipped(dataset_dir, tmp_path, caplog,
-                                                                       reference_tokenizer):
+def test_bad_records_are_reported_once_with_file_and_line_and_skipped(
+    dataset_dir, tmp_path, caplog, reference_tokenizer
+):
     good = (dataset_dir / "data.jsonl").read_text().splitlines()
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
@@ -115,12 +131,12 @@ def test_bad_records_are_reported_once_with_file_and_line_and_skipped(dataset_di
         (tmp_path / "images" / name).write_bytes((dataset_dir / "images" / name).read_bytes())
     record = json.loads(good[0])
     bad = [
-        "{not json",                                                              # line 2
-        json.dumps({"image": "images/000000.png"}),                               # 3: no conversations
-        json.dumps({**record, "image": "images/missing.png"}),                    # 4: missing image
-        json.dumps({**record, "image": "images/broken.png"}),                     # 5: unreadable image
-        json.dumps({**record, "conversations": record["conversations"][::-1]}),   # 6: wrong roles
-        json.dumps({"conversations": record["conversations"]}),                   # 7: no image field
+        "{not json",  # line 2
+        json.dumps({"image": "images/000000.png"}),  # 3: no conversations
+        json.dumps({**record, "image": "images/missing.png"}),  # 4: missing image
+        json.dumps({**record, "image": "images/broken.png"}),  # 5: unreadable image
+        json.dumps({**record, "conversations": record["conversations"][::-1]}),  # 6: wrong roles
+        json.dumps({"conversations": record["conversations"]}),  # 7: no image field
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join([good[0], *bad, *good[1:]]) + "\n")
@@ -147,8 +163,12 @@ def test_sft311k_layout(tmp_path, caplog):
     image = synthetic.make_scene(random.Random(1), 28).render()
     for name in ("a", "b", "d"):
         image.save(tmp_path / "images" / f"{name}.jpg")
-    captions = [{"role": "User", "content": "What is it?"}, {"role": "Assistant", "content": "a star."},
-                {"role": "User", "content": "Colour?"}, {"role": "Assistant", "content": "red"}]
+    captions = [
+        {"role": "User", "content": "What is it?"},
+        {"role": "Assistant", "content": "a star."},
+        {"role": "User", "content": "Colour?"},
+        {"role": "Assistant", "content": "red"},
+    ]
     (tmp_path / "labels" / "a.json").write_text(json.dumps({"captions": captions}))
     (tmp_path / "labels" / "b.json").write_text('{"captions": [\n  oops')
     (tmp_path / "labels" / "c.json").write_text(json.dumps({"captions": captions}))  # no image
@@ -160,7 +180,10 @@ def test_sft311k_layout(tmp_path, caplog):
     assert convs[0].image == tmp_path / "images" / "a.jpg"
     messages = sorted(r.getMessage() for r in caplog.records)
     assert [m.split(": skipped")[0] for m in messages] == [
-        f"{tmp_path / 'labels' / 'b.json'}:2", str(tmp_path / "labels" / "c.json"), str(tmp_path / "labels" / "d.json")]
+        f"{tmp_path / 'labels' / 'b.json'}:2",
+        str(tmp_path / "labels" / "c.json"),
+        str(tmp_path / "labels" / "d.json"),
+    ]
 
 
 @pytest.mark.parametrize("turns", [1, 3])
@@ -189,8 +212,11 @@ def test_synthetic_min_shapes_draws_crowded_scenes():
 
 
 def test_multi_turn_synthetic_example_labels_every_answer(reference_tokenizer):
-    conv = next(c for c in (data.SyntheticSource(seed=2, size=28, per_scene=4, turns=4)[i] for i in range(40))
-                if len(c.turns) == 4)
+    conv = next(
+        c
+        for c in (data.SyntheticSource(seed=2, size=28, per_scene=4, turns=4)[i] for i in range(40))
+        if len(c.turns) == 4
+    )
     example = data.build_example(conv, reference_tokenizer, TINY, 2048)
     ids = [t for t in example["labels"].tolist() if t != data.IGNORE_INDEX]
     assert ids[-1] == reference_tokenizer.eos_token_id
@@ -208,8 +234,7 @@ def test_parts_partition_the_parameters_and_lr_groups_use_them():
     model = CogVLMForCausalLM(TINY)
     for name, _ in model.named_parameters():
         assert sum(matches(name, patterns) for patterns in PARTS.values()) == 1, name
-    cfg = load_config(config(Path("x"), lr=1e-3, weight_decay=0.1,
-                             lr_groups=[{"params": ["@language"], "lr": "1e-5"}]))
+    cfg = load_config(config(Path("x"), lr=1e-3, weight_decay=0.1, lr_groups=[{"params": ["@language"], "lr": "1e-5"}]))
     groups = param_groups(model, cfg)
     language = {id(p) for n, p in model.named_parameters() if matches(n, PARTS["language"])}
     for group in groups:
@@ -329,9 +354,18 @@ def mode_runs(dataset_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for mode, lr, model in (("from_scratch", 3e-3, None), ("expert", 3e-3, REFERENCE), ("lora", 1e-2, REFERENCE)):
         folder = tmp_path_factory.mktemp(mode)
-        out[mode] = run(config(folder, mode=mode, lr=lr, max_steps=8, min_lr_ratio=1.0,
-                               model=str(model) if model else None, model_config=None if model else "tiny",
-                               data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}]))
+        out[mode] = run(
+            config(
+                folder,
+                mode=mode,
+                lr=lr,
+                max_steps=8,
+                min_lr_ratio=1.0,
+                model=str(model) if model else None,
+                model_config=None if model else "tiny",
+                data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}],
+            )
+        )
     return out
 
 
@@ -344,9 +378,17 @@ def test_each_mode_lowers_the_loss(mode_runs, mode):
 
 def test_lora_on_a_bf16_base(dataset_dir, tmp_path):
     """model_dtype bfloat16: the frozen base is bf16, the adapters stay fp32, and it learns."""
-    settings = config(tmp_path, mode="lora", lr=1e-2, max_steps=8, min_lr_ratio=1.0, model=str(REFERENCE),
-                      model_config=None, model_dtype="bfloat16",
-                      data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}])
+    settings = config(
+        tmp_path,
+        mode="lora",
+        lr=1e-2,
+        max_steps=8,
+        min_lr_ratio=1.0,
+        model=str(REFERENCE),
+        model_config=None,
+        model_dtype="bfloat16",
+        data=[{"type": "jsonl", "path": str(dataset_dir / "data.jsonl")}],
+    )
     model, _ = build_model(load_config(settings), None, tmp_path / "probe")
     dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
     frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
@@ -377,15 +419,21 @@ def test_lora_merge_equals_the_unmerged_model(mode_runs, tmp_path, reference_ten
     inputs["images"] = [[next(images)] if n else [] for n in per_sample]
     with torch.no_grad():
         a, b, c = (m(**inputs).logits for m in (merged, unmerged, base))
-    assert (a - b).abs().max() < 1e-5       # fp32: W + BA folded once vs added per call
-    assert (a - c).abs().max() > 1e-3       # the adapter did change the model
+    assert (a - b).abs().max() < 1e-5  # fp32: W + BA folded once vs added per call
+    assert (a - c).abs().max() > 1e-3  # the adapter did change the model
     assert set(merged.state_dict()) == set(base.state_dict())
 
 
 def test_resume_continues_exactly(tmp_path):
     """Stopped after step 3 (checkpoint at 2), resumed: bit-identical to an uninterrupted run."""
-    settings = dict(batch_size=2, grad_accum=2, warmup_steps=2, save_every=2, max_steps=4,
-                    model_config={"preset": "tiny", "vision_config": {"dropout_prob": 0.1}})
+    settings = dict(
+        batch_size=2,
+        grad_accum=2,
+        warmup_steps=2,
+        save_every=2,
+        max_steps=4,
+        model_config={"preset": "tiny", "vision_config": {"dropout_prob": 0.1}},
+    )
     baseline = run(config(tmp_path / "a", **settings))
 
     class Stop(Exception):
@@ -426,8 +474,12 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config(tmp_path / "run", **settings)))
     # Same thread count as this process (conftest: 2), so float sums run in the same order.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), str(tmp_path / "cfg.yaml")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "slow.py"), str(tmp_path / "cfg.yaml")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     partial = tmp_path / "run" / "checkpoints" / ".tmp-step-4"
     try:
         deadline = time.monotonic() + 60
@@ -448,7 +500,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-_LAUNCH = "import sys\nfrom cogvlm.cli import main\nsys.exit(main([\"train\", *sys.argv[1:]]))\n"
+_LAUNCH = 'import sys\nfrom cogvlm.cli import main\nsys.exit(main(["train", *sys.argv[1:]]))\n'
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -457,10 +509,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     single = run(config(tmp_path / "one", **settings))
     (tmp_path / "launch.py").write_text(_LAUNCH)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config(tmp_path / "two", **settings)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tmp_path / "launch.py"), str(tmp_path / "cfg.yaml"), "--batch_size", "2"]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=240)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "launch.py"),
+        str(tmp_path / "cfg.yaml"),
+        "--batch_size",
+        "2",
+    ]
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "two" / "checkpoints" / "step-3" / "random_states_1.pkl").is_file()  # really 2
     a, b = weights(single), weights(tmp_path / "two" / "checkpoints" / "step-3")
@@ -486,9 +549,26 @@ def test_metrics_log_on_resume_keeps_earlier_steps_and_survives_a_cut_line(tmp_p
 def test_cli_trains_with_bf16_checkpointing_eval_and_keep_last(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config(tmp_path / "ignored")))
     out = tmp_path / "run"
-    argv = [str(tmp_path / "cfg.yaml"), "--output_dir", str(out), "--max_steps", "3", "--mixed_precision", "bf16",
-            "--gradient_checkpointing", "--save_every", "1", "--keep_last", "2", "--eval_every", "2",
-            "--lr", "1e-3", "--num_workers", "1"]
+    argv = [
+        str(tmp_path / "cfg.yaml"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--save_every",
+        "1",
+        "--keep_last",
+        "2",
+        "--eval_every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--num_workers",
+        "1",
+    ]
     assert train_cli(argv) == 0
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-2", "step-3"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -536,9 +616,15 @@ def test_stages_chain_and_resume(tmp_path):
     """Stage 2 starts from stage 1's final weights; a resumed run skips finished stages."""
     from cogvlm.train import run
 
-    settings = config(tmp_path / "run", data=[], max_steps=2, stages=[
-        {"name": "warm", "data": [{"type": "synthetic", "seed": 1, "easy": True, "per_scene": 2}]},
-        {"data": [{"type": "synthetic", "seed": 2, "per_scene": 2}], "lr": 1e-3, "max_steps": 3}])
+    settings = config(
+        tmp_path / "run",
+        data=[],
+        max_steps=2,
+        stages=[
+            {"name": "warm", "data": [{"type": "synthetic", "seed": 1, "easy": True, "per_scene": 2}]},
+            {"data": [{"type": "synthetic", "seed": 2, "per_scene": 2}], "lr": 1e-3, "max_steps": 3},
+        ],
+    )
     final = run(settings)
     assert final == tmp_path / "run" / "stage2" / "checkpoints" / "step-3"
     stage2 = yaml.safe_load((tmp_path / "run" / "stage2" / "train_config.yaml").read_text())

@@ -49,7 +49,7 @@ def test_round_trip_sharded_official_layout(tmp_path, reference_model, reference
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     expected = json.loads((reference_dir / "config.json").read_text())
     assert "auto_map" in expected and not list(reference_dir.glob("*.py"))
-    expected.pop("auto_map")   # it names remote-code files this folder does not have
+    expected.pop("auto_map")  # it names remote-code files this folder does not have
     assert config == expected
     _assert_same(reference_model, CogVLMForCausalLM.from_pretrained(tmp_path / "out"))
 
@@ -57,16 +57,21 @@ def test_round_trip_sharded_official_layout(tmp_path, reference_model, reference
 def test_save_keeps_remote_code_and_auto_map(folder, tmp_path):
     """A folder that loaded with the official code still does after a save: its .py files come
     along and auto_map stays; the generation config is the source's own."""
-    code = {"configuration_cogvlm.py": "# config code\n", "modeling_cogvlm.py": "# model code\n",
-            "visual.py": "# vision code\n"}
+    code = {
+        "configuration_cogvlm.py": "# config code\n",
+        "modeling_cogvlm.py": "# model code\n",
+        "visual.py": "# vision code\n",
+    }
     for name, text in code.items():
         (folder / name).write_text(text)
     (folder / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6}')
     CogVLMForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "saved")
     saved = tmp_path / "saved"
     assert {p.name: p.read_text() for p in saved.glob("*.py")} == code
-    assert json.loads((saved / "config.json").read_text())["auto_map"] == json.loads(
-        (folder / "config.json").read_text())["auto_map"]
+    assert (
+        json.loads((saved / "config.json").read_text())["auto_map"]
+        == json.loads((folder / "config.json").read_text())["auto_map"]
+    )
     assert json.loads((saved / "generation_config.json").read_text()) == {"do_sample": True, "temperature": 0.6}
 
 
@@ -81,12 +86,15 @@ def test_sharded_bin_checkpoint(folder, reference_model):
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     names = sorted(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         torch.save({k: state[k] for k in keys}, folder / file)
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, keys in halves.items() for k in keys}})
+    )
     _assert_same(reference_model, CogVLMForCausalLM.from_pretrained(folder))
 
 
@@ -158,8 +166,15 @@ def test_every_key_problem_in_one_error(folder):
     state["model.layers.0.input_layernorm.weight"] = torch.zeros(65)
     save_file(state, folder / "model.safetensors")
     message = _message(folder)
-    for part in ("missing 2", "model.norm.weight", "lm_head.weight", "unexpected 1", "model.extra.weight",
-                 "wrong shape 1", "model.layers.0.input_layernorm.weight [65] != [64]"):
+    for part in (
+        "missing 2",
+        "model.norm.weight",
+        "lm_head.weight",
+        "unexpected 1",
+        "model.extra.weight",
+        "wrong shape 1",
+        "model.layers.0.input_layernorm.weight [65] != [64]",
+    ):
         assert part in message
 
 
@@ -174,7 +189,8 @@ def test_not_a_folder(tmp_path):
         CogVLMForCausalLM.from_pretrained(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("300KB", 300_000),
-                                           ("1.5MB", 1_500_000), (1234, 1234)])
+@pytest.mark.parametrize(
+    "text,expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("300KB", 300_000), ("1.5MB", 1_500_000), (1234, 1234)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected

@@ -5,13 +5,27 @@ D decoder width, Dv ViT width, H heads, K head dim, V vocabulary.
 """
 
 from .config import PRESETS, CogVLMConfig, VisionConfig, get_preset
+from .dropin import CogVLMForCausalLM
 from .errors import CheckpointError, CogVLMError, ImageError, PromptError, SettingsError
 from .generation import GenerationConfig
-from .dropin import CogVLMForCausalLM
 from .pipeline import GroundingResult, Pipeline, load
 from .tokenizer import load_tokenizer
 
-__all__ = ["load", "Pipeline", "GroundingResult", "CogVLMForCausalLM", "CogVLMConfig", "VisionConfig",
-           "PRESETS", "get_preset", "GenerationConfig", "load_tokenizer", "CogVLMError",
-           "CheckpointError", "ImageError", "PromptError", "SettingsError"]
+__all__ = [
+    "load",
+    "Pipeline",
+    "GroundingResult",
+    "CogVLMForCausalLM",
+    "CogVLMConfig",
+    "VisionConfig",
+    "PRESETS",
+    "get_preset",
+    "GenerationConfig",
+    "load_tokenizer",
+    "CogVLMError",
+    "CheckpointError",
+    "ImageError",
+    "PromptError",
+    "SettingsError",
+]
 __version__ = "0.1.0"

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from .config import get_preset
-from .generation import BatchDecoder, GenerationConfig
 from .dropin import CogVLMForCausalLM
-from .prompts import build_conversation_input_ids, collate
+from .generation import BatchDecoder, GenerationConfig
 from .loading.files import resolve_dtype
+from .prompts import build_conversation_input_ids, collate
 
 _LOAD_PROBE = """
 import re, sys, time
@@ -74,46 +74,65 @@ def _random_image(seed: int, size: int) -> Image.Image:
 
 def _decode_bytes(model: CogVLMForCausalLM, context: int, batch: int) -> int:
     """Bytes one decode step reads: language-side weights (no embedding table) + the KV cache."""
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                  if not n.startswith("model.vision") and "vision_" not in n and "embed_tokens" not in n)
+    weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not n.startswith("model.vision") and "vision_" not in n and "embed_tokens" not in n
+    )
     cfg = model.config
     kv = 2 * cfg.num_hidden_layers * batch * context * cfg.hidden_size * model.lm_head.weight.element_size()
     return weights + kv
 
 
-def run_bench(preset: str, dtype: str = "float32", batch: int = 8, new_tokens: int = 32,
-              device: str = "cpu", out: str | None = None) -> dict[str, Any]:
+def run_bench(
+    preset: str,
+    dtype: str = "float32",
+    batch: int = 8,
+    new_tokens: int = 32,
+    device: str = "cpu",
+    out: str | None = None,
+) -> dict[str, Any]:
     """Measure and print the figures; returns them as a dict."""
     config = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(0)
     model = CogVLMForCausalLM(config).init_weights().to(torch_dtype).eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    figures: dict[str, Any] = {"preset": preset, "dtype": str(torch_dtype).replace("torch.", ""),
-                               "device": device, "threads": torch.get_num_threads(),
-                               "weight_MB": round(weight_bytes / 1e6, 1)}
+    figures: dict[str, Any] = {
+        "preset": preset,
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "weight_MB": round(weight_bytes / 1e6, 1),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        probe = subprocess.run([sys.executable, "-c", _LOAD_PROBE, tmp, figures["dtype"]],
-                               capture_output=True, text=True, check=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", _LOAD_PROBE, tmp, figures["dtype"]], capture_output=True, text=True, check=True
+        )
         seconds, base, loaded, touched = (float(v) for v in probe.stdout.split())
-    figures |= {"load_s": round(seconds, 3), "load_peak_rss_MB": round(loaded / 1e6, 1),
-                "load_rss_growth_over_weights": round((loaded - base) / weight_bytes, 3),
-                "rss_growth_after_reading_weights": round((touched - base) / weight_bytes, 3)}
+    figures |= {
+        "load_s": round(seconds, 3),
+        "load_peak_rss_MB": round(loaded / 1e6, 1),
+        "load_rss_growth_over_weights": round((loaded - base) / weight_bytes, 3),
+        "rss_growth_after_reading_weights": round((touched - base) / weight_bytes, 3),
+    }
 
     model = model.to(device)
     tok = _DigitTokenizer()
     size = config.vision_config.image_size
 
     def request(i: int) -> dict[str, Any]:
-        return build_conversation_input_ids(tok, config, query=f"Describe image {i}.",
-                                            images=[_random_image(i, size)], template_version="chat")
+        return build_conversation_input_ids(
+            tok, config, query=f"Describe image {i}.", images=[_random_image(i, size)], template_version="chat"
+        )
 
     with torch.no_grad():
         pixels = request(0)["images"][0][None].to(device, torch_dtype)
         model.model.encode_images(pixels)
-        figures["vision_encode_s_per_image"] = round(min(
-            _timed(lambda: model.model.encode_images(pixels)) for _ in range(3)), 4)
+        figures["vision_encode_s_per_image"] = round(
+            min(_timed(lambda: model.model.encode_images(pixels)) for _ in range(3)), 4
+        )
 
     def run(n: int, steps: int) -> tuple[float, float]:
         """(seconds to first token, decode seconds per step) for n image requests."""
@@ -132,12 +151,16 @@ def run_bench(preset: str, dtype: str = "float32", batch: int = 8, new_tokens: i
     context = len(request(0)["input_ids"]) + new_tokens
     bandwidth = memory_bandwidth()
     floor = _decode_bytes(model, context, 1) / bandwidth
-    figures |= {"ttft_s": round(ttft, 4), "decode_tok_s_b1": round(1 / step1, 2),
-                f"decode_tok_s_b{batch}": round(batch / step_b, 2),
-                "batch_speedup": round(step1 * batch / step_b, 2),
-                "memory_bandwidth_GB_s": round(bandwidth / 1e9, 2),
-                "roofline_step_ms_b1": round(floor * 1e3, 3), "decode_step_ms_b1": round(step1 * 1e3, 3),
-                "roofline_pct_b1": round(100 * floor / step1, 1)}
+    figures |= {
+        "ttft_s": round(ttft, 4),
+        "decode_tok_s_b1": round(1 / step1, 2),
+        f"decode_tok_s_b{batch}": round(batch / step_b, 2),
+        "batch_speedup": round(step1 * batch / step_b, 2),
+        "memory_bandwidth_GB_s": round(bandwidth / 1e9, 2),
+        "roofline_step_ms_b1": round(floor * 1e3, 3),
+        "decode_step_ms_b1": round(step1 * 1e3, 3),
+        "roofline_pct_b1": round(100 * floor / step1, 1),
+    }
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")

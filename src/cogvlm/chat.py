@@ -16,8 +16,9 @@ from .image import load_image
 HELP = "Type a question. 'clear' resets, an image path starts a new conversation, 'exit' or Ctrl-D quits."
 
 
-def interactive_chat(vlm: Any, image: str | None, template: str | None, gen: dict[str, Any],
-                     read=input, write=sys.stdout.write) -> int:
+def interactive_chat(
+    vlm: Any, image: str | None, template: str | None, gen: dict[str, Any], read=input, write=sys.stdout.write
+) -> int:
     """Run until end of input; returns the exit status."""
     picture = load_image(image) if image else None
     history: list[tuple[str, str]] = []

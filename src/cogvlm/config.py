@@ -55,7 +55,7 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
-    "gelu": F.gelu,                                            # exact (erf)
+    "gelu": F.gelu,  # exact (erf)
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "gelu_new": _gelu_new,
     "gelu_fast": _gelu_fast,
@@ -76,7 +76,7 @@ class VisionConfig:
     intermediate_size: int
     num_positions: int
     in_channels: int = 3
-    hidden_act: str = "gelu"                    # the ViT MLP's activation, a key of ACTIVATIONS
+    hidden_act: str = "gelu"  # the ViT MLP's activation, a key of ACTIVATIONS
     layer_norm_eps: float = 1e-6
     dropout_prob: float = 0.0
 
@@ -95,7 +95,7 @@ class CogVLMConfig:
     num_hidden_layers: int
     num_attention_heads: int
     vision_config: VisionConfig
-    hidden_act: str = "silu"                    # the decoder MLP's gate activation
+    hidden_act: str = "silu"  # the decoder MLP's gate activation
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
@@ -106,7 +106,7 @@ class CogVLMConfig:
     tie_word_embeddings: bool = False
     use_cache: bool = True
     torch_dtype: str = "bfloat16"
-    rope_theta: float = 10000.0                 # RoPE base; not in CogVLM-1 configs (see module doc)
+    rope_theta: float = 10000.0  # RoPE base; not in CogVLM-1 configs (see module doc)
 
     @property
     def head_dim(self) -> int:
@@ -193,11 +193,19 @@ def _check_activation(name: Any, source: str, field: str) -> None:
 def _check_vision(v: VisionConfig, source: str) -> None:
     _check_activation(v.hidden_act, source, "vision_config.hidden_act")
     if v.hidden_size % v.num_heads:
-        raise _refuse(source, "vision_config.hidden_size", v.hidden_size,
-                      f"must be a multiple of vision_config.num_heads {v.num_heads}")
+        raise _refuse(
+            source,
+            "vision_config.hidden_size",
+            v.hidden_size,
+            f"must be a multiple of vision_config.num_heads {v.num_heads}",
+        )
     if v.num_positions != v.num_patches + 1:
-        raise _refuse(source, "vision_config.num_positions", v.num_positions,
-                      f"must be (image_size // patch_size)^2 + 1 = {v.num_patches + 1}")
+        raise _refuse(
+            source,
+            "vision_config.num_positions",
+            v.num_positions,
+            f"must be (image_size // patch_size)^2 + 1 = {v.num_patches + 1}",
+        )
 
 
 def _fixed(c: CogVLMConfig) -> dict[str, tuple[Any, str]]:
@@ -219,8 +227,9 @@ def _fixed(c: CogVLMConfig) -> dict[str, tuple[Any, str]]:
 def _check_decoder(c: CogVLMConfig, data: dict[str, Any], source: str) -> None:
     _check_activation(c.hidden_act, source, "hidden_act")
     if c.hidden_size % c.num_attention_heads:
-        raise _refuse(source, "hidden_size", c.hidden_size,
-                      f"must be a multiple of num_attention_heads {c.num_attention_heads}")
+        raise _refuse(
+            source, "hidden_size", c.hidden_size, f"must be a multiple of num_attention_heads {c.num_attention_heads}"
+        )
     for key, (value, why) in _fixed(c).items():
         if data.get(key, value) != value:
             raise _refuse(source, key, data[key], f"only {json.dumps(value)}: {why}")
@@ -240,32 +249,53 @@ def _build(cls: type, data: dict[str, Any], source: str) -> Any:
 
 def _vision(image_size: int, width: int, layers: int, heads: int, ffn: int, patch: int = 14) -> VisionConfig:
     return VisionConfig(
-        image_size=image_size, patch_size=patch, hidden_size=width, num_heads=heads,
-        num_hidden_layers=layers, intermediate_size=ffn,
+        image_size=image_size,
+        patch_size=patch,
+        hidden_size=width,
+        num_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=ffn,
         num_positions=(image_size // patch) ** 2 + 1,
     )
 
 
 _EVA2_E_490 = _vision(490, 1792, 63, 16, 15360)
-_LLAMA_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-             "num_hidden_layers": 32, "num_attention_heads": 32}
+_LLAMA_7B = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+}
 
 #: The released shapes, plus small ones for tests and benchmarks.
 PRESETS: dict[str, CogVLMConfig] = {
     "cogvlm-chat-17b": CogVLMConfig(**_LLAMA_7B, vision_config=_EVA2_E_490, template_version="chat"),
     "cogvlm-base-490": CogVLMConfig(**_LLAMA_7B, vision_config=_EVA2_E_490, template_version="base"),
-    "cogvlm-base-224": CogVLMConfig(**_LLAMA_7B, vision_config=_vision(224, 1792, 63, 16, 15360),
-                                    template_version="base"),
-    "cogvlm-grounding-generalist": CogVLMConfig(**_LLAMA_7B, vision_config=_EVA2_E_490,
-                                                template_version="base"),
+    "cogvlm-base-224": CogVLMConfig(
+        **_LLAMA_7B, vision_config=_vision(224, 1792, 63, 16, 15360), template_version="base"
+    ),
+    "cogvlm-grounding-generalist": CogVLMConfig(**_LLAMA_7B, vision_config=_EVA2_E_490, template_version="base"),
     # Same geometry as reference-tiny: 28 px, 2x2 patches, width 64.
-    "tiny": CogVLMConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, vision_config=_vision(28, 32, 2, 4, 64),
-                         torch_dtype="float32"),
+    "tiny": CogVLMConfig(
+        vocab_size=600,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vision_config=_vision(28, 32, 2, 4, 64),
+        torch_dtype="float32",
+    ),
     # The real image geometry (490 px, 1225 patches, 1227 image tokens) at laptop widths.
-    "bench-490": CogVLMConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                              num_hidden_layers=8, num_attention_heads=8,
-                              vision_config=_vision(490, 256, 4, 4, 1024), torch_dtype="float32"),
+    "bench-490": CogVLMConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        vision_config=_vision(490, 256, 4, 4, 1024),
+        torch_dtype="float32",
+    ),
 }
 
 
@@ -276,5 +306,12 @@ def get_preset(name: str) -> CogVLMConfig:
         raise CheckpointError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})") from None
 
 
-__all__ = ["ACTIVATIONS", "LANGUAGE_TOKEN_TYPE", "PRESETS", "VISION_TOKEN_TYPE", "CogVLMConfig",
-           "VisionConfig", "get_preset"]
+__all__ = [
+    "ACTIVATIONS",
+    "LANGUAGE_TOKEN_TYPE",
+    "PRESETS",
+    "VISION_TOKEN_TYPE",
+    "CogVLMConfig",
+    "VisionConfig",
+    "get_preset",
+]

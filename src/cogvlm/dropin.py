@@ -32,10 +32,17 @@ class CogVLMForCausalLM(network.CogVLMForCausalLM):
         return execution_device(self.model.embed_tokens)
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None, *, revision: str | None = None,
-                        low_cpu_mem_usage: bool = True, trust_remote_code: bool = True,
-                        **placement: Any) -> "CogVLMForCausalLM":
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        *,
+        revision: str | None = None,
+        low_cpu_mem_usage: bool = True,
+        trust_remote_code: bool = True,
+        **placement: Any,
+    ) -> "CogVLMForCausalLM":
         """A folder or hub id, as transformers loads it (fp32 unless `torch_dtype`; 'auto' is
         config.json's). `low_cpu_mem_usage` and `trust_remote_code` are accepted for the official
         snippets and change nothing: loading is always lean and there is no remote code.
@@ -46,18 +53,29 @@ class CogVLMForCausalLM(network.CogVLMForCausalLM):
         """Write the official layout: config.json, safetensors shards and their index."""
         save_model(self, folder, max_shard_size=max_shard_size)
 
-    def build_conversation_input_ids(self, tokenizer: Any, *, query: str,
-                                     history: Sequence[tuple[str, str]] | None = None,
-                                     images: Sequence[Any] | None = None,
-                                     template_version: str | None = None) -> dict[str, Any]:
+    def build_conversation_input_ids(
+        self,
+        tokenizer: Any,
+        *,
+        query: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        images: Sequence[Any] | None = None,
+        template_version: str | None = None,
+    ) -> dict[str, Any]:
         """The official prompt builder: input_ids, token_type_ids, attention_mask, images."""
-        return build_conversation_input_ids(tokenizer, self.config, query=query, history=history,
-                                            images=images, template_version=template_version)
+        return build_conversation_input_ids(
+            tokenizer, self.config, query=query, history=history, images=images, template_version=template_version
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, images: network.Images = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: network.Images = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """Prompt + new tokens (B, T + N), as transformers' generate returns them."""
         return generate_sequences(self, input_ids, token_type_ids, attention_mask, images, **kwargs)
 

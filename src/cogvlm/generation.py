@@ -33,11 +33,13 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.temperature > 0, "temperature must be > 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
@@ -61,8 +63,9 @@ class KVCache:
         self.layers = []
         for layer in model.model.layers:
             device = execution_device(layer.input_layernorm)
-            self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
-                                torch.zeros(shape, dtype=dtype, device=device)))
+            self.layers.append(
+                (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            )
 
     def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer]
@@ -75,30 +78,50 @@ class KVCache:
 def prefill(model: Any, batch: dict[str, Any], cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole prompt once; returns last-position logits (B, V) and position ids (B, T)."""
     position_ids = build_position_ids(batch["token_type_ids"], batch["attention_mask"])
-    out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                attention_mask=batch["attention_mask"], images=batch.get("images"),
-                position_ids=position_ids, kv_cache=cache, cache_start=0, logits_to_keep=1)
+    out = model(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        attention_mask=batch["attention_mask"],
+        images=batch.get("images"),
+        position_ids=position_ids,
+        kv_cache=cache,
+        cache_start=0,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1], position_ids
 
 
-def decode_one_token(model: Any, tokens: torch.Tensor, positions: torch.Tensor,
-                     attention_mask: torch.Tensor, cache: KVCache, cache_start: int) -> torch.Tensor:
+def decode_one_token(
+    model: Any,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: KVCache,
+    cache_start: int,
+) -> torch.Tensor:
     """One language-typed token per row at `cache_start`; returns logits (B, V)."""
-    out = model(input_ids=tokens[:, None], token_type_ids=torch.full_like(tokens[:, None], LANGUAGE_TOKEN_TYPE),
-                attention_mask=attention_mask, position_ids=positions[:, None],
-                kv_cache=cache, cache_start=cache_start)
+    out = model(
+        input_ids=tokens[:, None],
+        token_type_ids=torch.full_like(tokens[:, None], LANGUAGE_TOKEN_TYPE),
+        attention_mask=attention_mask,
+        position_ids=positions[:, None],
+        kv_cache=cache,
+        cache_start=cache_start,
+    )
     return out.logits[:, -1]
 
 
-def sample(logits: torch.Tensor, config: GenerationConfig, previous: torch.Tensor,
-           generator: torch.Generator | None = None) -> int:
+def sample(
+    logits: torch.Tensor, config: GenerationConfig, previous: torch.Tensor, generator: torch.Generator | None = None
+) -> int:
     """Next token of one row from logits (V,): repetition penalty, then greedy or
     temperature / top-k / top-p sampling (the transformers order)."""
     logits = logits.float()
     if config.repetition_penalty != 1.0 and previous.numel():
         seen = logits[previous]
-        logits = logits.scatter(0, previous, torch.where(seen < 0, seen * config.repetition_penalty,
-                                                         seen / config.repetition_penalty))
+        logits = logits.scatter(
+            0, previous, torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
+        )
     if not config.do_sample:
         return int(logits.argmax())
     logits = logits / config.temperature
@@ -121,8 +144,13 @@ class BatchDecoder:
     stop string, a cancelled request); finished rows leave the batch before the next step.
     """
 
-    def __init__(self, model: Any, batch: dict[str, Any], configs: Sequence[GenerationConfig],
-                 eos_token_id: int | Sequence[int] | None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch: dict[str, Any],
+        configs: Sequence[GenerationConfig],
+        eos_token_id: int | Sequence[int] | None,
+    ) -> None:
         self.model, self.configs = model, list(configs)
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         device = execution_device(model.model.embed_tokens)
@@ -147,8 +175,12 @@ class BatchDecoder:
             return logits.argmax(-1).tolist()  # the common greedy case, vectorised
         picked = []
         for i, r in enumerate(rows):
-            previous = torch.cat((self.batch["input_ids"][r].new_tensor(self._prompt_ids(r)),
-                                  self.batch["input_ids"][r].new_tensor(self.tokens[r])))
+            previous = torch.cat(
+                (
+                    self.batch["input_ids"][r].new_tensor(self._prompt_ids(r)),
+                    self.batch["input_ids"][r].new_tensor(self.tokens[r]),
+                )
+            )
             picked.append(sample(logits[i], self.configs[r], previous.to(logits.device), self.generators[r]))
         return picked
 
@@ -164,7 +196,7 @@ class BatchDecoder:
         mask[:, :t] = self.batch["attention_mask"]
         logits, positions = prefill(self.model, self.batch, cache)
         positions = positions[:, -1]
-        rows = list(range(b))       # original row of each live batch index
+        rows = list(range(b))  # original row of each live batch index
         cur = t
         while rows:
             step = dict(zip(rows, self._pick(logits, rows)))
@@ -184,18 +216,25 @@ class BatchDecoder:
             tokens = torch.tensor([self.tokens[r][-1] for r in rows], device=mask.device)
             mask[:, cur] = 1
             positions = positions + 1
-            logits = decode_one_token(self.model, tokens, positions, mask[:, :cur + 1], cache, cur)
+            logits = decode_one_token(self.model, tokens, positions, mask[:, : cur + 1], cache, cur)
             cur += 1
 
 
 _GENERATE_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"stop"}
 
 
-def generate_sequences(model: Any, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                       attention_mask: torch.Tensor | None = None, images: Any = None,
-                       max_length: int | None = None, pad_token_id: int | None = None,
-                       eos_token_id: int | Sequence[int] | None = None, num_beams: int = 1,
-                       **kwargs: Any) -> torch.Tensor:
+def generate_sequences(
+    model: Any,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    images: Any = None,
+    max_length: int | None = None,
+    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    num_beams: int = 1,
+    **kwargs: Any,
+) -> torch.Tensor:
     """The drop-in `model.generate`: prompt + new tokens (B, T + N); rows that ended early are
     padded with the pad id, as transformers does. Without max_length / max_new_tokens the
     transformers default applies (max_length 20)."""
@@ -215,13 +254,17 @@ def generate_sequences(model: Any, input_ids: torch.Tensor, token_type_ids: torc
     config = GenerationConfig(**kwargs)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids,
-             "attention_mask": attention_mask, "images": images}
+    batch = {
+        "input_ids": input_ids,
+        "token_type_ids": token_type_ids,
+        "attention_mask": attention_mask,
+        "images": images,
+    }
     decoder = BatchDecoder(model, batch, [config] * input_ids.shape[0], eos)
     for _ in decoder:
         pass
     n = max(len(tokens) for tokens in decoder.tokens)
     new = torch.full((input_ids.shape[0], n), pad, dtype=input_ids.dtype)
     for r, tokens in enumerate(decoder.tokens):
-        new[r, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        new[r, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     return torch.cat((input_ids.cpu(), new), dim=1)

@@ -28,9 +28,20 @@ PixelBox = tuple[int, int, int, int]  # xyxy in pixels
 
 # Clearly distinct colours, assigned to labels in order of first appearance.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 128, 128),
-    (170, 110, 40), (128, 0, 0), (0, 0, 128), (128, 128, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (255, 225, 25),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+    (0, 0, 128),
+    (128, 128, 0),
 )
 
 
@@ -58,7 +69,7 @@ def _clean_label(segment: str) -> str:
     """Phrase a box belongs to: the last clause of the text preceding its group."""
     segment = _UNCLOSED_RE.split(segment)[-1].strip(_STRIP_CHARS)
     cut = max(segment.rfind(c) for c in _CLAUSE_END)
-    return segment[cut + 1:].strip(_STRIP_CHARS)
+    return segment[cut + 1 :].strip(_STRIP_CHARS)
 
 
 def _parse_group(body: str) -> list[NormBox]:
@@ -76,7 +87,7 @@ def parse_boxes(text: str) -> list[Box]:
     result: list[Box] = []
     prev_end = 0
     for match in _GROUP_RE.finditer(text):
-        label = _clean_label(text[prev_end:match.start()])
+        label = _clean_label(text[prev_end : match.start()])
         result.extend(Box(label, box) for box in _parse_group(match.group(1)))
         prev_end = match.end()
     return result

@@ -18,8 +18,7 @@ def parameter_counts(config: CogVLMConfig) -> dict[str, int]:
     """Parameters per part: vision tower, adapter (GLU + boi/eoi), language expert, vision experts."""
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
-    counts = {"vision tower (EVA2-CLIP)": 0, "adapter (GLU, boi, eoi)": 0,
-              "language model": 0, "visual experts": 0}
+    counts = {"vision tower (EVA2-CLIP)": 0, "adapter (GLU, boi, eoi)": 0, "language model": 0, "visual experts": 0}
     for name, p in model.named_parameters():
         if name.startswith("model.vision.transformer") or name.startswith("model.vision.patch_embedding"):
             counts["vision tower (EVA2-CLIP)"] += p.numel()
@@ -45,8 +44,7 @@ def describe(folder_or_preset: str | Path) -> str:
         f"vocab {config.vocab_size}, visual expert in every layer",
         f"  vision:  EVA2-CLIP {v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_heads} heads, "
         f"FFN {v.intermediate_size}, {v.image_size} px / patch {v.patch_size} = {v.num_patches} patches",
-        f"  image tokens per image: {config.image_tokens} (patches + boi + eoi); "
-        f"template: {config.template_version}",
+        f"  image tokens per image: {config.image_tokens} (patches + boi + eoi); template: {config.template_version}",
         "  parameters:",
         *(f"    {name:<26} {n / 1e9:8.3f} B" for name, n in counts.items()),
         f"    {'total':<26} {total / 1e9:8.3f} B ({total:,})",

@@ -1,7 +1,7 @@
 """The Python API one level above the model: load once, then chat, batch, stream, ground.
 
-    >>> vlm = cogvlm.load()                      # the shipped default model
-    >>> vlm.chat("What color is the star?", image="examples/scene.png")
+>>> vlm = cogvlm.load()                      # the shipped default model
+>>> vlm.chat("What color is the star?", image="examples/scene.png")
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import loading
+from .dropin import CogVLMForCausalLM
 from .errors import PromptError
 from .generation import BatchDecoder, GenerationConfig
 from .grounding import Box, parse_boxes
 from .image import ImageInput, load_image
+from .loading import DEFAULT_MODEL, LoadOptions
 from .prompts import History, build_conversation_input_ids, collate
 from .streaming import TextStream
-from . import loading
-from .dropin import CogVLMForCausalLM
-from .loading import DEFAULT_MODEL, LoadOptions
+
 
 @dataclass
 class GroundingResult:
@@ -38,8 +39,9 @@ class GroundingResult:
 class Pipeline:
     """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes."""
 
-    def __init__(self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None,
-                 context_length: int | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None, context_length: int | None = None
+    ) -> None:
         """`context_length` caps prompt + answer (default: config.max_position_embeddings)."""
         self.model, self.tokenizer = model, tokenizer
         self.context_length = context_length or model.config.max_position_embeddings
@@ -47,13 +49,23 @@ class Pipeline:
 
     # ---- building requests --------------------------------------------------------------------
 
-    def build(self, query: str, image: ImageInput | None = None, history: History | None = None,
-              template_version: str | None = None) -> dict[str, Any]:
+    def build(
+        self,
+        query: str,
+        image: ImageInput | None = None,
+        history: History | None = None,
+        template_version: str | None = None,
+    ) -> dict[str, Any]:
         """One request's model inputs (see prompts.build_conversation_input_ids)."""
         images = None if image is None else [load_image(image)]
-        return build_conversation_input_ids(self.tokenizer, self.model.config, query=query,
-                                            history=[tuple(h) for h in history or []], images=images,
-                                            template_version=template_version)
+        return build_conversation_input_ids(
+            self.tokenizer,
+            self.model.config,
+            query=query,
+            history=[tuple(h) for h in history or []],
+            images=images,
+            template_version=template_version,
+        )
 
     def _config(self, sample: dict[str, Any], gen: dict[str, Any]) -> GenerationConfig:
         stop = gen.pop("stop", None)
@@ -62,14 +74,17 @@ class Pipeline:
             config = config.replace(stop=(stop,) if isinstance(stop, str) else tuple(stop))
         room = self.context_length - len(sample["input_ids"])
         if room < 1:
-            raise PromptError(f"prompt too long: {len(sample['input_ids'])} tokens, the context is "
-                              f"{self.context_length} (an image takes {self.model.config.image_tokens})")
+            raise PromptError(
+                f"prompt too long: {len(sample['input_ids'])} tokens, the context is "
+                f"{self.context_length} (an image takes {self.model.config.image_tokens})"
+            )
         return config.replace(max_new_tokens=min(config.max_new_tokens, room))
 
     # ---- running -----------------------------------------------------------------------------
 
-    def generate(self, samples: Sequence[dict[str, Any]],
-                 configs: Sequence[GenerationConfig]) -> Iterator[tuple[int, str]]:
+    def generate(
+        self, samples: Sequence[dict[str, Any]], configs: Sequence[GenerationConfig]
+    ) -> Iterator[tuple[int, str]]:
         """Run built samples together; yields (row, text piece) as tokens arrive."""
         batch = collate(samples, pad_token_id=self.tokenizer.pad_token_id)
         dtype = self.model.dtype
@@ -94,21 +109,34 @@ class Pipeline:
     def batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[str]:
         """Answers to many requests at once; each is a dict with `query`, `image`, `history`
         (and optionally `template_version`). Equal to running each alone (greedy)."""
-        samples = [self.build(r["query"], r.get("image"), r.get("history"), r.get("template_version"))
-                   for r in requests]
+        samples = [
+            self.build(r["query"], r.get("image"), r.get("history"), r.get("template_version")) for r in requests
+        ]
         configs = [self._config(s, dict(gen)) for s in samples]
         answers = [""] * len(samples)
         for row, piece in self.generate(samples, configs):
             answers[row] += piece
         return answers
 
-    def chat(self, query: str, image: ImageInput | None = None, history: History | None = None,
-             template_version: str | None = None, **gen: Any) -> str:
+    def chat(
+        self,
+        query: str,
+        image: ImageInput | None = None,
+        history: History | None = None,
+        template_version: str | None = None,
+        **gen: Any,
+    ) -> str:
         """One answer; history is a list of (question, answer) pairs."""
         return "".join(self.stream(query, image, history, template_version, **gen))
 
-    def stream(self, query: str, image: ImageInput | None = None, history: History | None = None,
-               template_version: str | None = None, **gen: Any) -> Iterator[str]:
+    def stream(
+        self,
+        query: str,
+        image: ImageInput | None = None,
+        history: History | None = None,
+        template_version: str | None = None,
+        **gen: Any,
+    ) -> Iterator[str]:
         """The answer as text pieces while it is generated; they concatenate to `chat`'s answer."""
         sample = self.build(query, image, history, template_version)
         config = self._config(sample, dict(gen))
@@ -122,16 +150,20 @@ class Pipeline:
         return GroundingResult(text, parse_boxes(text), picture.width, picture.height)
 
 
-def load(model: str | Path | LoadOptions | None = None, tokenizer: str | Path | Any | None = None,
-         device: str | torch.device | None = "auto", dtype: torch.dtype | str | None = None,
-         progress: bool = False, **options: Any) -> Pipeline:
+def load(
+    model: str | Path | LoadOptions | None = None,
+    tokenizer: str | Path | Any | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | str | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Pipeline:
     """Load a model (folder or hub id; default: the shipped tiny model) and its tokenizer into a
     Pipeline. `options`: the other `LoadOptions` fields (revision, local_files_only, device_map,
     max_memory, offload_folder, quantize, quantize_vision); or pass one `LoadOptions` as `model`.
     Generation defaults come from the folder's generation_config.json, as transformers reads it."""
     if not isinstance(model, LoadOptions):
-        model = LoadOptions(model=model, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress,
-                            **options)
+        model = LoadOptions(model=model, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress, **options)
     loaded = loading.load(model, model_class=CogVLMForCausalLM)
     defaults = dict(loaded.generation)
     context = min(loaded.model.config.max_position_embeddings, defaults.pop("max_length", 10**9))

@@ -23,8 +23,9 @@ _ANSWER_TAG = {"chat": "Answer:", "vqa": "Short answer:"}
 History = Sequence[tuple[str, str]]
 
 #: The grounding model's prompt families (its training templates, spec section 5).
-GROUNDED_CAPTION = ("Can you provide a description of the image and include the coordinates "
-                    "[[x0,y0,x1,y1]] for each mentioned object?")
+GROUNDED_CAPTION = (
+    "Can you provide a description of the image and include the coordinates [[x0,y0,x1,y1]] for each mentioned object?"
+)
 WHERE_IS = "Where is {expr}?"
 BOX_TO_CAPTION = "Tell me what you see within the designated area {box} in the picture."
 
@@ -59,10 +60,15 @@ def format_prompt(query: str, history: History | None, template_version: str) ->
     return f"{past}Question: {query} {tag}"
 
 
-def build_conversation_input_ids(tokenizer: Any, config: CogVLMConfig, *, query: str,
-                                 history: History | None = None,
-                                 images: Sequence[ImageInput] | None = None,
-                                 template_version: str | None = None) -> dict[str, Any]:
+def build_conversation_input_ids(
+    tokenizer: Any,
+    config: CogVLMConfig,
+    *,
+    query: str,
+    history: History | None = None,
+    images: Sequence[ImageInput] | None = None,
+    template_version: str | None = None,
+) -> dict[str, Any]:
     """Returns input_ids, token_type_ids, attention_mask (int64, 1-D) and images ([float32
     (3, S, S)] or None), as the official method of the same name."""
     template_version = template_version or config.template_version
@@ -92,8 +98,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[st
     length = max(len(s["input_ids"]) for s in samples)
 
     def pad(key: str, value: int) -> torch.Tensor:
-        rows = [torch.cat((torch.full((length - len(s[key]),), value, dtype=torch.long), s[key]))
-                for s in samples]
+        rows = [torch.cat((torch.full((length - len(s[key]),), value, dtype=torch.long), s[key])) for s in samples]
         return torch.stack(rows)
 
     return {

@@ -17,8 +17,8 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.text = ""          # emitted so far; the whole answer once finished
-        self.stopped = False    # a stop string was reached
+        self.text = ""  # emitted so far; the whole answer once finished
+        self.stopped = False  # a stop string was reached
 
     def push(self, token: int) -> str:
         """Add one token; returns the new text that is safe to show (maybe empty)."""
@@ -39,7 +39,7 @@ class TextStream:
     def _emit(self, full: str, end: int | None) -> str:
         if not full.startswith(self.text):  # a decoder that rewrote earlier text: keep what was shown
             return ""
-        piece = full[len(self.text):end]
+        piece = full[len(self.text) : end]
         self.text += piece
         return piece
 
@@ -53,7 +53,7 @@ class TextStream:
         hold = 0
         for stop in self.stop:  # hold back a tail that is the start of a stop string
             for k in range(min(len(stop) - 1, end), 0, -1):
-                if full[end - k:end] == stop[:k]:
+                if full[end - k : end] == stop[:k]:
                     hold = max(hold, k)
                     break
         return max(end - hold, len(self.text))

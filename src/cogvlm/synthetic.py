@@ -47,18 +47,32 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES: tuple[str, ...] = ("plain", "noise", "stripes", "grid")
 TASKS: tuple[str, ...] = (
-    "color", "shape", "count", "exist", "position", "relation", "caption", "ground", "ground_caption",
+    "color",
+    "shape",
+    "count",
+    "exist",
+    "position",
+    "relation",
+    "caption",
+    "ground",
+    "ground_caption",
 )
 TEMPLATE_OF_TASK: dict[str, str] = {
     **{t: "vqa" for t in ("color", "shape", "count", "exist", "position", "relation")},
-    "caption": "chat", "ground": "base", "ground_caption": "base",
+    "caption": "chat",
+    "ground": "base",
+    "ground_caption": "base",
 }
 
 # Unit 5-pointed star (top point up), used scaled to fill a shape's box exactly.
 _STAR_INNER = 0.45
-_STAR = [((1.0 if i % 2 == 0 else _STAR_INNER) * math.cos(-math.pi / 2 + i * math.pi / 5),
-          (1.0 if i % 2 == 0 else _STAR_INNER) * math.sin(-math.pi / 2 + i * math.pi / 5))
-         for i in range(10)]
+_STAR = [
+    (
+        (1.0 if i % 2 == 0 else _STAR_INNER) * math.cos(-math.pi / 2 + i * math.pi / 5),
+        (1.0 if i % 2 == 0 else _STAR_INNER) * math.sin(-math.pi / 2 + i * math.pi / 5),
+    )
+    for i in range(10)
+]
 _STAR_X = (min(p[0] for p in _STAR), max(p[0] for p in _STAR))
 _STAR_Y = (min(p[1] for p in _STAR), max(p[1] for p in _STAR))
 
@@ -129,8 +143,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
     elif kind == "triangle":
         draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), (x0 + w / 2, y0)], fill=fill)
     elif kind == "star":
-        pts = [(x0 + (px - _STAR_X[0]) / (_STAR_X[1] - _STAR_X[0]) * w,
-                y0 + (py - _STAR_Y[0]) / (_STAR_Y[1] - _STAR_Y[0]) * h) for px, py in _STAR]
+        pts = [
+            (
+                x0 + (px - _STAR_X[0]) / (_STAR_X[1] - _STAR_X[0]) * w,
+                y0 + (py - _STAR_Y[0]) / (_STAR_Y[1] - _STAR_Y[0]) * h,
+            )
+            for px, py in _STAR
+        ]
         draw.polygon(pts, fill=fill)
     else:
         raise ValueError(f"unknown shape kind {kind!r}")
@@ -149,12 +168,12 @@ def _box_dims(kind: str, extent: int, rng: random.Random) -> tuple[int, int]:
 
 
 def _overlaps(a: tuple[int, ...], b: tuple[int, ...], margin: int) -> bool:
-    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0]
-                or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def make_scene(rng: random.Random, size: int = 224, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES,
-               easy: bool = False) -> Scene:
+def make_scene(
+    rng: random.Random, size: int = 224, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES, easy: bool = False
+) -> Scene:
     """Random scene of min_shapes-max_shapes non-overlapping shapes, unique (color, kind) pairs.
 
     ``easy`` gives 1-2 large shapes on plain white (curriculum warm-up). Shapes that cannot be
@@ -189,16 +208,21 @@ def make_scene(rng: random.Random, size: int = 224, *, min_shapes: int = 1, max_
 
 def scene_to_dict(scene: Scene) -> dict:
     """JSON-friendly ground truth of a scene (as written to scenes.jsonl)."""
-    return {"width": scene.width, "height": scene.height, "background": scene.background,
-            "texture_seed": scene.texture_seed,
-            "shapes": [{"kind": s.kind, "color": s.color, "size": s.size, "box": list(s.box),
-                        "center": list(s.center)} for s in scene.shapes]}
+    return {
+        "width": scene.width,
+        "height": scene.height,
+        "background": scene.background,
+        "texture_seed": scene.texture_seed,
+        "shapes": [
+            {"kind": s.kind, "color": s.color, "size": s.size, "box": list(s.box), "center": list(s.center)}
+            for s in scene.shapes
+        ],
+    }
 
 
 def scene_from_dict(d: dict) -> Scene:
     """Inverse of `scene_to_dict`."""
-    shapes = tuple(Shape(s["kind"], s["color"], s["size"], tuple(s["box"]), tuple(s["center"]))
-                   for s in d["shapes"])
+    shapes = tuple(Shape(s["kind"], s["color"], s["size"], tuple(s["box"]), tuple(s["center"])) for s in d["shapes"])
     return Scene(d["width"], d["height"], d["background"], shapes, d.get("texture_seed", 0))
 
 
@@ -209,43 +233,68 @@ def format_box(box_px: Sequence[float], width: int, height: int) -> str:
 
 # ----------------------------------------------------------------------------- records
 _PHRASES: dict[str, tuple[str, ...]] = {
-    "color": ("What color is the {k}?", "What is the color of the {k}?",
-              "Which color does the {k} have?", "What colour is the {k} in the image?"),
-    "shape": ("What shape is the {c} object?", "What is the shape of the {c} object?",
-              "Which shape is {c}?", "What kind of shape is the {c} one?"),
-    "count_all": ("How many shapes are there?", "How many objects are in the image?",
-                  "How many shapes are in this picture?", "Count the shapes in the image."),
-    "count_kind": ("How many {k}s are there?", "How many {k}s are in the image?",
-                   "Count the {k}s in the picture."),
-    "count_color": ("How many {c} shapes are there?", "How many {c} objects are in the image?",
-                    "How many shapes are {c}?"),
-    "exist": ("Is there a {o}?", "Is there a {o} in the image?", "Does the image contain a {o}?",
-              "Can you see a {o}?"),
-    "position_x": ("Is the {o} on the left or the right?",
-                   "Is the {o} on the left side or the right side of the image?",
-                   "Which side is the {o} on, left or right?"),
-    "position_y": ("Is the {o} at the top or the bottom?",
-                   "Is the {o} in the top half or the bottom half of the image?",
-                   "Is the {o} near the top or the bottom?"),
-    "left": ("Is the {a} left of the {b}?", "Is the {a} to the left of the {b}?",
-             "Is the {a} on the left of the {b}?"),
-    "right": ("Is the {a} right of the {b}?", "Is the {a} to the right of the {b}?",
-              "Is the {a} on the right of the {b}?"),
-    "above": ("Is the {a} above the {b}?", "Is the {a} higher than the {b}?",
-              "Is the {a} over the {b}?"),
-    "below": ("Is the {a} below the {b}?", "Is the {a} lower than the {b}?",
-              "Is the {a} under the {b}?"),
-    "caption": ("Describe the image.", "What is in this picture?", "Describe this image briefly.",
-                "What do you see in the image?", "List the objects in the image."),
-    "ground": ("Where is the {o}?",
-               "Can you point out the {o} in the image and provide the bounding boxes of its location?",
-               "Where is the {o}? answer in [[x0,y0,x1,y1]] format.",
-               "Find the {o} and give its bounding box."),
+    "color": (
+        "What color is the {k}?",
+        "What is the color of the {k}?",
+        "Which color does the {k} have?",
+        "What colour is the {k} in the image?",
+    ),
+    "shape": (
+        "What shape is the {c} object?",
+        "What is the shape of the {c} object?",
+        "Which shape is {c}?",
+        "What kind of shape is the {c} one?",
+    ),
+    "count_all": (
+        "How many shapes are there?",
+        "How many objects are in the image?",
+        "How many shapes are in this picture?",
+        "Count the shapes in the image.",
+    ),
+    "count_kind": ("How many {k}s are there?", "How many {k}s are in the image?", "Count the {k}s in the picture."),
+    "count_color": (
+        "How many {c} shapes are there?",
+        "How many {c} objects are in the image?",
+        "How many shapes are {c}?",
+    ),
+    "exist": ("Is there a {o}?", "Is there a {o} in the image?", "Does the image contain a {o}?", "Can you see a {o}?"),
+    "position_x": (
+        "Is the {o} on the left or the right?",
+        "Is the {o} on the left side or the right side of the image?",
+        "Which side is the {o} on, left or right?",
+    ),
+    "position_y": (
+        "Is the {o} at the top or the bottom?",
+        "Is the {o} in the top half or the bottom half of the image?",
+        "Is the {o} near the top or the bottom?",
+    ),
+    "left": ("Is the {a} left of the {b}?", "Is the {a} to the left of the {b}?", "Is the {a} on the left of the {b}?"),
+    "right": (
+        "Is the {a} right of the {b}?",
+        "Is the {a} to the right of the {b}?",
+        "Is the {a} on the right of the {b}?",
+    ),
+    "above": ("Is the {a} above the {b}?", "Is the {a} higher than the {b}?", "Is the {a} over the {b}?"),
+    "below": ("Is the {a} below the {b}?", "Is the {a} lower than the {b}?", "Is the {a} under the {b}?"),
+    "caption": (
+        "Describe the image.",
+        "What is in this picture?",
+        "Describe this image briefly.",
+        "What do you see in the image?",
+        "List the objects in the image.",
+    ),
+    "ground": (
+        "Where is the {o}?",
+        "Can you point out the {o} in the image and provide the bounding boxes of its location?",
+        "Where is the {o}? answer in [[x0,y0,x1,y1]] format.",
+        "Find the {o} and give its bounding box.",
+    ),
     "ground_caption": (
         "Can you provide a description of the image and include the coordinates "
         "[[x0,y0,x1,y1]] for each mentioned object?",
         "Describe the image and give the coordinates [[x0,y0,x1,y1]] of each object.",
-        "Describe the image with a bounding box [[x0,y0,x1,y1]] for every object."),
+        "Describe the image with a bounding box [[x0,y0,x1,y1]] for every object.",
+    ),
 }
 POSITION_MARGIN = 0.08  # no position questions for centers this close (fraction of side) to the middle
 RELATION_MARGIN = 0.10  # relations only when centers differ by at least this fraction of the side
@@ -270,8 +319,9 @@ def _join(items: list[str]) -> str:
 
 def make_caption(scene: Scene, *, boxes: bool = False) -> str:
     """Canonical caption, e.g. ``"a red circle, a large blue star and a small green square."``."""
-    return _join([_phrase(s) + (format_box(s.box, scene.width, scene.height) if boxes else "")
-                  for s in _ordered(scene)])
+    return _join(
+        [_phrase(s) + (format_box(s.box, scene.width, scene.height) if boxes else "") for s in _ordered(scene)]
+    )
 
 
 _CAPTION_RE = re.compile(r"\b(" + "|".join(COLORS) + r")\s+(" + "|".join(KINDS) + r")s?\b")
@@ -318,8 +368,12 @@ def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
         return rng.choice(P["exist"]).format(o=f"{c} {k}"), ans
     if task == "position":
         sides = (scene.width, scene.height)
-        ok = [(s, ax) for ax in rng.sample((0, 1), 2) for s in shapes
-              if abs(s.center[ax] - sides[ax] / 2) >= POSITION_MARGIN * sides[ax]]
+        ok = [
+            (s, ax)
+            for ax in rng.sample((0, 1), 2)
+            for s in shapes
+            if abs(s.center[ax] - sides[ax] / 2) >= POSITION_MARGIN * sides[ax]
+        ]
         if not ok:
             return None
         s, ax = rng.choice([c for c in ok if c[1] == ok[0][1]])  # prefer the randomly chosen axis
@@ -327,8 +381,14 @@ def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
         ans = ("left" if low else "right") if ax == 0 else ("top" if low else "bottom")
         return rng.choice(P["position_" + "xy"[ax]]).format(o=s.name), ans
     if task == "relation":
-        cands = [(a, b, ax) for a in shapes for b in shapes if a is not b for ax in (0, 1)
-                 if abs(a.center[ax] - b.center[ax]) >= RELATION_MARGIN * (scene.width, scene.height)[ax]]
+        cands = [
+            (a, b, ax)
+            for a in shapes
+            for b in shapes
+            if a is not b
+            for ax in (0, 1)
+            if abs(a.center[ax] - b.center[ax]) >= RELATION_MARGIN * (scene.width, scene.height)[ax]
+        ]
         if not cands:
             return None
         a, b, ax = rng.choice(cands)
@@ -342,15 +402,15 @@ def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
         if not shapes:
             return None
         s = rng.choice(shapes)
-        return (rng.choice(P["ground"]).format(o=s.name),
-                f"the {s.name}{format_box(s.box, scene.width, scene.height)}")
+        return (rng.choice(P["ground"]).format(o=s.name), f"the {s.name}{format_box(s.box, scene.width, scene.height)}")
     if task == "ground_caption":
         return (rng.choice(P["ground_caption"]), make_caption(scene, boxes=True)) if shapes else None
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def _more_turns(scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str],
-                turns: int) -> list[tuple[str, str]]:
+def _more_turns(
+    scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str], turns: int
+) -> list[tuple[str, str]]:
     """`first` followed by up to ``turns - 1`` further vqa-template questions of random types
     from ``pool`` about the same scene, no question asked twice; with turns == 1 it draws nothing."""
     vqa = [t for t in pool if TEMPLATE_OF_TASK[t] == "vqa"]
@@ -365,8 +425,14 @@ def _more_turns(scene: Scene, rng: random.Random, pool: Sequence[str], first: tu
     return out
 
 
-def make_records(scene: Scene, rng: random.Random, image_path: str,
-                 tasks: Sequence[str] | None = None, per_scene: int = 3, turns: int = 1) -> list[dict]:
+def make_records(
+    scene: Scene,
+    rng: random.Random,
+    image_path: str,
+    tasks: Sequence[str] | None = None,
+    per_scene: int = 3,
+    turns: int = 1,
+) -> list[dict]:
     """Up to ``per_scene`` records for one scene, each of a different task type (types repeat
     only when ``per_scene`` exceeds the number of requested tasks, or where ``tasks`` names a type
     more than once: repetition is how a mix weights a type).
@@ -390,10 +456,16 @@ def make_records(scene: Scene, rng: random.Random, image_path: str,
         if qa is None:
             continue
         qas = _more_turns(scene, rng, pool, qa, turns) if TEMPLATE_OF_TASK[task] == "vqa" else [qa]
-        records.append({"image": image_path,
-                        "conversations": [{"role": role, "content": text}
-                                          for q, a in qas for role, text in (("user", q), ("assistant", a))],
-                        "template_version": TEMPLATE_OF_TASK[task], "task": task})
+        records.append(
+            {
+                "image": image_path,
+                "conversations": [
+                    {"role": role, "content": text} for q, a in qas for role, text in (("user", q), ("assistant", a))
+                ],
+                "template_version": TEMPLATE_OF_TASK[task],
+                "task": task,
+            }
+        )
     return records
 
 
@@ -402,8 +474,15 @@ def _scene_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{index}")
 
 
-def iter_scenes(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None = None,
-                easy: bool = False, per_scene: int = 3, turns: int = 1) -> Iterator[tuple[str, Scene, list[dict]]]:
+def iter_scenes(
+    seed: int,
+    n: int,
+    size: int = 224,
+    tasks: Sequence[str] | None = None,
+    easy: bool = False,
+    per_scene: int = 3,
+    turns: int = 1,
+) -> Iterator[tuple[str, Scene, list[dict]]]:
     """Yield (image path, scene, records) for scenes 0..n-1; scene i depends only on (seed, i)."""
     for i in range(n):
         rng = _scene_rng(seed, i)
@@ -412,8 +491,15 @@ def iter_scenes(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None 
         yield path, scene, make_records(scene, rng, path, tasks, per_scene, turns)
 
 
-def iter_samples(seed: int, n: int, size: int = 224, tasks: Sequence[str] | None = None,
-                 easy: bool = False, per_scene: int = 3, turns: int = 1) -> Iterator[tuple[Image.Image, dict]]:
+def iter_samples(
+    seed: int,
+    n: int,
+    size: int = 224,
+    tasks: Sequence[str] | None = None,
+    easy: bool = False,
+    per_scene: int = 3,
+    turns: int = 1,
+) -> Iterator[tuple[Image.Image, dict]]:
     """In-memory (image, record) pairs for on-the-fly training and evaluation.
 
     Records of one scene share one PIL image object; copy it before mutating.
@@ -435,9 +521,17 @@ def corpus(seed: int, n: int) -> Iterator[str]:
             yield answer
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
-                  tasks: Sequence[str] | None = None, easy: bool = False, per_scene: int = 3,
-                  turns: int = 1) -> Path:
+def write_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    *,
+    size: int = 224,
+    tasks: Sequence[str] | None = None,
+    easy: bool = False,
+    per_scene: int = 3,
+    turns: int = 1,
+) -> Path:
     """Write ``images/NNNNNN.png``, ``data.jsonl`` (records) and ``scenes.jsonl`` (ground truth).
 
     Every file is written atomically; the same arguments give byte-identical output.
@@ -455,4 +549,3 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, *, size: int = 224,
     atomic_write_bytes(out / "scenes.jsonl", "".join(scene_lines).encode("utf-8"))
     atomic_write_bytes(out / "data.jsonl", "".join(data_lines).encode("utf-8"))
     return out / "data.jsonl"
-

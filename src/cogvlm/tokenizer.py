@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 from .errors import CheckpointError
 
-
 #: The files that make a tokenizer folder (copied along with exported or trained checkpoints).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -53,12 +52,21 @@ def _special_names(folder: Path) -> dict[str, str]:
 class Tokenizer:
     """Text <-> ids over a backend; knows its special tokens and decodes them as strings."""
 
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-                 special: dict[str, int], names: dict[str, str], split_special: bool) -> None:
+    def __init__(
+        self,
+        encode: Callable[[str], list[int]],
+        decode: Callable[[list[int]], str],
+        special: dict[str, int],
+        names: dict[str, str],
+        split_special: bool,
+    ) -> None:
         self._encode, self._decode = encode, decode
         self.special_ids = {i: s for s, i in special.items()}
-        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
-                       if split_special and special else None)
+        self._split = (
+            re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+            if split_special and special
+            else None
+        )
         self.bos_token_id = special.get(names["bos_token"])
         self.eos_token_id = special.get(names["eos_token"])
         self.unk_token_id = special.get(names["unk_token"])
@@ -110,10 +118,12 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             sp.Load(str(folder / "tokenizer.model"))
         except (OSError, RuntimeError):
             raise CheckpointError(f"{folder / 'tokenizer.model'}: not a SentencePiece model") from None
-        special = {s: sp.piece_to_id(s) for s in set(names.values())
-                   if sp.piece_to_id(s) != sp.unk_id() or s == sp.id_to_piece(sp.unk_id())}
-        return Tokenizer(lambda t: sp.encode(t), lambda ids: sp.decode(ids), special, names,
-                         split_special=True)
+        special = {
+            s: sp.piece_to_id(s)
+            for s in set(names.values())
+            if sp.piece_to_id(s) != sp.unk_id() or s == sp.id_to_piece(sp.unk_id())
+        }
+        return Tokenizer(lambda t: sp.encode(t), lambda ids: sp.decode(ids), special, names, split_special=True)
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -122,7 +132,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         except Exception:
             raise CheckpointError(f"{folder / 'tokenizer.json'}: not a tokenizers file") from None
         special = {s: tok.token_to_id(s) for s in set(names.values()) if tok.token_to_id(s) is not None}
-        return Tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids,
-                         lambda ids: tok.decode(ids, skip_special_tokens=False), special, names,
-                         split_special=False)
+        return Tokenizer(
+            lambda t: tok.encode(t, add_special_tokens=False).ids,
+            lambda ids: tok.decode(ids, skip_special_tokens=False),
+            special,
+            names,
+            split_special=False,
+        )
     raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json")

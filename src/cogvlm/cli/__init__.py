@@ -14,9 +14,20 @@ from . import answer, eval, serve, tools, train
 from .options import Parser
 
 #: Optional packages and the extra that brings each (a missing one is named with its install line).
-EXTRAS = {"accelerate": "quant", "torchao": "quant", "bitsandbytes": "cuda", "peft": "train", "yaml": "train",
-          "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "httpx": "serve", "pydantic": "serve",
-          "pycocoevalcap": "eval", "psutil": "quant"}
+EXTRAS = {
+    "accelerate": "quant",
+    "torchao": "quant",
+    "bitsandbytes": "cuda",
+    "peft": "train",
+    "yaml": "train",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "httpx": "serve",
+    "pydantic": "serve",
+    "pycocoevalcap": "eval",
+    "psutil": "quant",
+}
 
 
 def build_parser() -> Parser:
@@ -67,4 +78,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-

@@ -37,10 +37,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     pictures = [load_image(path) for path in args.images]  # fail early, before loading
     vlm = load_pipeline(args)
     for start in range(0, len(pictures), args.batch_size):
-        chunk = list(zip(args.images[start:start + args.batch_size], pictures[start:start + args.batch_size]))
+        chunk = list(zip(args.images[start : start + args.batch_size], pictures[start : start + args.batch_size]))
         t0 = time.perf_counter()
-        answers = vlm.batch([{"image": pic, "query": args.query, "template_version": args.template}
-                             for _, pic in chunk], **gen)
+        answers = vlm.batch(
+            [{"image": pic, "query": args.query, "template_version": args.template} for _, pic in chunk], **gen
+        )
         seconds = (time.perf_counter() - t0) / len(chunk)
         for (path, pic), text in zip(chunk, answers):
             result = GroundingResult(text, parse_boxes(text), pic.width, pic.height)
@@ -60,8 +61,11 @@ def _grounding_run(args: argparse.Namespace, queries: Sequence[str]) -> int:
         result = vlm.ground(picture, query, template_version=args.template or "base", **gen)
         _print_result(_answer_record(path, query, result, time.perf_counter() - t0), args.json)
         if args.draw:
-            out = Path(args.draw) if len(args.images) == 1 else Path(args.draw).with_stem(
-                f"{Path(args.draw).stem}-{Path(path).stem}")
+            out = (
+                Path(args.draw)
+                if len(args.images) == 1
+                else Path(args.draw).with_stem(f"{Path(args.draw).stem}-{Path(path).stem}")
+            )
             draw_boxes(picture, result.boxes).save(out)
     return 0
 

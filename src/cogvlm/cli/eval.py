@@ -37,7 +37,6 @@ def _check(args: argparse.Namespace, task: Task) -> None:
             raise CogVLMError(f"{task.name} needs --data DIR (its files: {task.files})")
 
 
-
 def _model_name(model: str | None) -> str:
     """The name results are filed under: a folder's absolute path, a hub id as given, or 'default'."""
     if not model:
@@ -56,11 +55,19 @@ def _run_shapes(args: argparse.Namespace) -> None:
     results = []
     for shuffle in (False, True) if args.shuffle_images else (False,):
         split = f"seed{seed}-n{n}" + ("-shuffled" if shuffle else "")
-        results.append(run(SHAPES, shapes_items(n, seed, shuffle), pipeline, split=split,
-                           model=_model_name(args.model), out=args.out, batch_size=args.batch_size))
+        results.append(
+            run(
+                SHAPES,
+                shapes_items(n, seed, shuffle),
+                pipeline,
+                split=split,
+                model=_model_name(args.model),
+                out=args.out,
+                batch_size=args.batch_size,
+            )
+        )
     print(shapes_table(*results))
     print(f"{n} questions per type, seed {seed}; files in {args.out}/")
-
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -78,8 +85,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
         split = args.split or task.splits[0]
         items, skipped = load_items(task, args.data, split, args.limit)  # fail before loading the model
-        result = run(task, items, _pipeline_loader(args), split=split, model=_model_name(args.model),
-                     out=args.out, batch_size=args.batch_size, skipped=skipped)
+        result = run(
+            task,
+            items,
+            _pipeline_loader(args),
+            split=split,
+            model=_model_name(args.model),
+            out=args.out,
+            batch_size=args.batch_size,
+            skipped=skipped,
+        )
         print(format_result(result, args.out))
         return 0
     except KeyboardInterrupt:
@@ -87,23 +102,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 130
 
 
-
 def register(sub: Any) -> None:
     """Add eval to the command tree."""
-    p = sub.add_parser("eval", help="benchmarks with their official metrics: cogvlm eval TASK | --list", description="Score a model on a benchmark read from its official "
-                "files in a local folder; files, prompts and metrics per task: docs/eval.md.")
+    p = sub.add_parser(
+        "eval",
+        help="benchmarks with their official metrics: cogvlm eval TASK | --list",
+        description="Score a model on a benchmark read from its official "
+        "files in a local folder; files, prompts and metrics per task: docs/eval.md.",
+    )
     p.add_argument("task", nargs="?", metavar="TASK", help="a task name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tasks, their splits and files")
     p.add_argument("--data", type=Path, metavar="DIR", help="folder with the benchmark's files")
     p.add_argument("--split", help="split to score (default: the task's first, see --list)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help=f"predictions, results and summary.md (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"predictions, results and summary.md (default: {DEFAULT_OUT})",
+    )
     shapes = p.add_argument_group("shapes only")
     shapes.add_argument("--n", type=int, metavar="N", help=f"questions per type (default: {DEFAULT_N})")
     shapes.add_argument("--seed", type=int, help=f"scene seed (default: {HELDOUT_SEED}, held out)")
-    shapes.add_argument("--shuffle-images", action="store_true",
-                        help="also score with each question paired with another scene's image")
+    shapes.add_argument(
+        "--shuffle-images", action="store_true", help="also score with each question paired with another scene's image"
+    )
     add_loading_flags(p)
     p.set_defaults(func=cmd_eval)

@@ -27,7 +27,7 @@ def _max_memory(text: str) -> dict[int | str, int]:
 
     try:
         return parse_max_memory(text)
-    except ValueError as e:   # argparse shows an ArgumentTypeError's own message
+    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -52,24 +52,46 @@ def add_model_flag(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--revision", help="hub branch, tag or commit of a hub id (default: main)")
 
 
-def add_loading_flags(p: argparse.ArgumentParser, model: bool = True, tokenizer: bool = True,
-                      device_default: str = "auto", dtype_default: str | None = None) -> None:
+def add_loading_flags(
+    p: argparse.ArgumentParser,
+    model: bool = True,
+    tokenizer: bool = True,
+    device_default: str = "auto",
+    dtype_default: str | None = None,
+) -> None:
     """--model/--revision, --tokenizer, --device, --dtype and the placement and quantisation flags."""
     g = p.add_argument_group("model and placement (see docs/deploy.md)")
     if model:
         add_model_flag(g)
     if tokenizer:
-        g.add_argument("--tokenizer", metavar="TOKENIZER",
-                       help="tokenizer folder or hub id (default: the model's; CogVLM-1 folders ship none, "
-                            "so lmsys/vicuna-7b-v1.5 as the official model card says)")
-    g.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:N, mps or auto (default: {device_default})")
-    g.add_argument("--dtype", default=dtype_default, type=_dtype,
-                   help="float32, bfloat16, float16 or auto (config.json's); default: bfloat16 on GPUs, "
-                        "float32 elsewhere" if dtype_default is None else f"(default: {dtype_default})")
-    g.add_argument("--device-map", metavar="MAP",
-                   help=f"{', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON object or file {{module: device}}")
-    g.add_argument("--max-memory", type=_max_memory, metavar="0=24GiB,1=24GiB,cpu=64GiB",
-                   help="memory budget per device for the plan")
+        g.add_argument(
+            "--tokenizer",
+            metavar="TOKENIZER",
+            help="tokenizer folder or hub id (default: the model's; CogVLM-1 folders ship none, "
+            "so lmsys/vicuna-7b-v1.5 as the official model card says)",
+        )
+    g.add_argument(
+        "--device", default=device_default, help=f"cpu, cuda, cuda:N, mps or auto (default: {device_default})"
+    )
+    g.add_argument(
+        "--dtype",
+        default=dtype_default,
+        type=_dtype,
+        help="float32, bfloat16, float16 or auto (config.json's); default: bfloat16 on GPUs, float32 elsewhere"
+        if dtype_default is None
+        else f"(default: {dtype_default})",
+    )
+    g.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help=f"{', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON object or file {{module: device}}",
+    )
+    g.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        metavar="0=24GiB,1=24GiB,cpu=64GiB",
+        help="memory budget per device for the plan",
+    )
     g.add_argument("--offload-folder", metavar="DIR", help="where disk-offloaded weights of .bin checkpoints go")
     g.add_argument("--quantize", choices=QUANTIZE_METHODS, help="weight-only quantisation while loading")
     g.add_argument("--quantize-vision", action="store_true", help="quantise the vision tower too")
@@ -80,11 +102,19 @@ def load_options(args: argparse.Namespace, progress: bool = True) -> Any:
     from ..loading import LoadOptions
     from ..loading.placement import read_device_map
 
-    return LoadOptions(model=getattr(args, "model", None), revision=getattr(args, "revision", None),
-                       tokenizer=getattr(args, "tokenizer", None), dtype=args.dtype, device=args.device,
-                       device_map=read_device_map(args.device_map), max_memory=args.max_memory,
-                       offload_folder=args.offload_folder, quantize=args.quantize,
-                       quantize_vision=args.quantize_vision, progress=progress)
+    return LoadOptions(
+        model=getattr(args, "model", None),
+        revision=getattr(args, "revision", None),
+        tokenizer=getattr(args, "tokenizer", None),
+        dtype=args.dtype,
+        device=args.device,
+        device_map=read_device_map(args.device_map),
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        quantize=args.quantize,
+        quantize_vision=args.quantize_vision,
+        progress=progress,
+    )
 
 
 def load_pipeline(args: argparse.Namespace) -> Any:
@@ -106,8 +136,12 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None)
     sampling = g.add_mutually_exclusive_group()
     sampling.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
-    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding, whatever the "
-                          "model's generation_config.json says")
+    sampling.add_argument(
+        "--greedy",
+        dest="do_sample",
+        action="store_false",
+        help="greedy decoding, whatever the model's generation_config.json says",
+    )
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)

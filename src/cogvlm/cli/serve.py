@@ -18,9 +18,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..pipeline import load
     from ..serve import EngineSettings, MediaPolicy, ServeSettings, create_app, serve_forever
 
-    checks = {"max_batch": (args.max_batch, 1, "--max-batch must be >= 1"),
-              "max_queue": (args.max_queue, 0, "--max-queue must be >= 0"),
-              "timeout_s": (args.timeout, 1e-9, "--timeout must be > 0")}
+    checks = {
+        "max_batch": (args.max_batch, 1, "--max-batch must be >= 1"),
+        "max_queue": (args.max_queue, 0, "--max-queue must be >= 0"),
+        "timeout_s": (args.timeout, 1e-9, "--timeout must be > 0"),
+    }
     for value, least, message in checks.values():
         if value is not None and value < least:
             raise CogVLMError(message)
@@ -32,9 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = options.replace(tokenizer=resolve_tokenizer(options.tokenizer, folder))
     hub_id = [str(args.model)] if args.model and not Path(args.model).exists() else []
     names = tuple(args.served_model_name or dict.fromkeys([*hub_id, folder.name, "cogvlm-chat-17b"]))
-    settings = ServeSettings(model_names=names, api_key=args.api_key,
-                             engine=engine,
-                             media=MediaPolicy(allow_remote=args.allow_remote_images))
+    settings = ServeSettings(
+        model_names=names, api_key=args.api_key, engine=engine, media=MediaPolicy(allow_remote=args.allow_remote_images)
+    )
     loader = functools.partial(load, options.replace(model=folder))
     serve_forever(create_app(loader, settings), host=args.host, port=args.port)
     return 0
@@ -42,20 +44,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add serve to the command tree."""
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web page",
-                       description="Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions) "
-                                   "with a chat page at /.")
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with a web page",
+        description="Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions) "
+        "with a chat page at /.",
+    )
     p.set_defaults(func=cmd_serve)
     add_loading_flags(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY, else none)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("COGVLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY, else none)",
+    )
     g.add_argument("--max-batch", type=int, help="requests decoded together (default: 8)")
     g.add_argument("--max-queue", type=int, help="requests that may wait for a slot; more get 429 (default: 32)")
     g.add_argument("--timeout", type=float, help="seconds one request may take, waiting included (default: 300)")
-    g.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (public addresses only); default: data: URLs only")
-    g.add_argument("--served-model-name", action="append", metavar="NAME",
-                   help="model id clients send (repeatable; default: the model's name and cogvlm-chat-17b)")
+    g.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (public addresses only); default: data: URLs only",
+    )
+    g.add_argument(
+        "--served-model-name",
+        action="append",
+        metavar="NAME",
+        help="model id clients send (repeatable; default: the model's name and cogvlm-chat-17b)",
+    )

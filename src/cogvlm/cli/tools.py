@@ -14,8 +14,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if placed:
         from ..loading.placement import describe_plan, read_device_map
 
-        print(describe_plan(args.model, read_device_map(args.device_map) or "auto", args.max_memory,
-                            args.dtype or "bfloat16", args.quantize, args.quantize_vision))
+        print(
+            describe_plan(
+                args.model,
+                read_device_map(args.device_map) or "auto",
+                args.max_memory,
+                args.dtype or "bfloat16",
+                args.quantize,
+                args.quantize_vision,
+            )
+        )
     else:
         from ..info import describe
 
@@ -27,11 +35,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..loading.save_quantized import quantize_checkpoint
 
     t0 = time.perf_counter()
-    summary = quantize_checkpoint(args.model, args.out, args.method, quantize_vision=args.quantize_vision,
-                                  dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-                                  progress=True, revision=args.revision)
-    print(f"{args.out}: {summary['method']} ({summary['backend']}), {summary['bytes'] / 2**30:.2f} GiB "
-          f"of weights, written in {time.perf_counter() - t0:.1f} s")
+    summary = quantize_checkpoint(
+        args.model,
+        args.out,
+        args.method,
+        quantize_vision=args.quantize_vision,
+        dtype=args.dtype,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+        progress=True,
+        revision=args.revision,
+    )
+    print(
+        f"{args.out}: {summary['method']} ({summary['backend']}), {summary['bytes'] / 2**30:.2f} GiB "
+        f"of weights, written in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -45,16 +63,26 @@ def cmd_export_llm(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import run_bench
 
-    run_bench(args.preset, dtype=args.dtype, batch=args.batch, new_tokens=args.new_tokens,
-              device=args.device, out=args.out)
+    run_bench(
+        args.preset, dtype=args.dtype, batch=args.batch, new_tokens=args.new_tokens, device=args.device, out=args.out
+    )
     return 0
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from ..synthetic import write_dataset
 
-    print(write_dataset(args.out, n=args.n, seed=args.seed, size=args.size, easy=args.easy,
-                        per_scene=args.per_scene, turns=args.turns))
+    print(
+        write_dataset(
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            size=args.size,
+            easy=args.easy,
+            per_scene=args.per_scene,
+            turns=args.turns,
+        )
+    )
     return 0
 
 
@@ -68,11 +96,17 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add info, quantize, export-llm, bench and data to the command tree."""
-    p = sub.add_parser("info", help="architecture, parameters and weight memory of a model or preset; with "
-                       "--device-map / --max-memory / --quantize, the placement plan (nothing is loaded)")
+    p = sub.add_parser(
+        "info",
+        help="architecture, parameters and weight memory of a model or preset; with "
+        "--device-map / --max-memory / --quantize, the placement plan (nothing is loaded)",
+    )
     p.set_defaults(func=cmd_info)
-    p.add_argument("model", metavar="MODEL", help="folder, hub id (config.json only is fetched), preset, or "
-                   "'default' (the shipped tiny model)")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="folder, hub id (config.json only is fetched), preset, or 'default' (the shipped tiny model)",
+    )
     add_loading_flags(p, model=False, tokenizer=False)
 
     p = sub.add_parser("quantize", help="save a quantised checkpoint: cogvlm quantize MODEL OUT --method int8")

@@ -26,10 +26,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add train to the command tree (its --key flags are the training config's keys)."""
-    p = sub.add_parser("train", help="train or fine-tune: cogvlm train CONFIG.yaml [--key value ...]",
-                       description="Train or fine-tune as CONFIG.yaml says; --key value overrides a key "
-                                   "(keys: docs in cogvlm.train.config). 'cogvlm train merge CHECKPOINT OUT' "
-                                   "folds a LoRA checkpoint into a plain one. Needs pip install 'cogvlm[train]'.")
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune: cogvlm train CONFIG.yaml [--key value ...]",
+        description="Train or fine-tune as CONFIG.yaml says; --key value overrides a key "
+        "(keys: docs in cogvlm.train.config). 'cogvlm train merge CHECKPOINT OUT' "
+        "folds a LoRA checkpoint into a plain one. Needs pip install 'cogvlm[train]'.",
+    )
     p.add_argument("config", metavar="CONFIG.yaml|merge")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value")
     p.set_defaults(func=cmd_train, parser_class=parser_class)

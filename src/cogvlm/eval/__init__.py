@@ -10,13 +10,12 @@ files, prompts and metrics of each are in docs/eval.md. `cogvlm.cli.eval` is the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .metrics import caption_scores, vqa_accuracy
 from .runner import Answerer, evaluate, load_items, paper_cell, predict, run, summarise, summary_table
 from .tasks import Item, Task, get_task, registry
-from .tasks.shapes import DEFAULT_N, HELDOUT_SEED, SHAPES, evaluate_shapes, shapes_items
-
+from .tasks.shapes import HELDOUT_SEED, SHAPES, evaluate_shapes, shapes_items
 
 
 def task_list() -> str:
@@ -43,8 +42,10 @@ def format_result(result: dict[str, Any], out: Path) -> str:
     counts = result["counts"]
     missing = counts["skipped_missing_images"]
     skipped = f", {missing} skipped (image missing)" if missing else ""
-    lines.append(f"  {counts['scored']} scored of {counts['questions']} questions{skipped}, "
-                 f"{result['seconds']} s; files in {out}/")
+    lines.append(
+        f"  {counts['scored']} scored of {counts['questions']} questions{skipped}, "
+        f"{result['seconds']} s; files in {out}/"
+    )
     return "\n".join(lines)
 
 
@@ -60,6 +61,21 @@ def shapes_table(true: dict[str, Any], shuffled: dict[str, Any] | None = None) -
     return "\n".join(rows)
 
 
-__all__ = ["evaluate", "evaluate_shapes", "shapes_items", "run", "predict", "summarise",
-           "load_items", "summary_table", "get_task", "registry", "Task", "Item", "Answerer",
-           "vqa_accuracy", "caption_scores", "HELDOUT_SEED"]
+__all__ = [
+    "evaluate",
+    "evaluate_shapes",
+    "shapes_items",
+    "run",
+    "predict",
+    "summarise",
+    "load_items",
+    "summary_table",
+    "get_task",
+    "registry",
+    "Task",
+    "Item",
+    "Answerer",
+    "vqa_accuracy",
+    "caption_scores",
+    "HELDOUT_SEED",
+]

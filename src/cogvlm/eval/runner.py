@@ -70,16 +70,22 @@ def _batches(items: Sequence[Item], task: Task, size: int) -> Iterable[list[Item
     for _, group in itertools.groupby(items, key=lambda i: i.max_new_tokens or task.max_new_tokens):
         group = list(group)
         for start in range(0, len(group), size):
-            yield group[start:start + size]
+            yield group[start : start + size]
 
 
 def _request(task: Task, item: Item) -> dict[str, Any]:
     return {"query": item.query, "image": item.image, "template_version": item.template or task.template}
 
 
-def predict(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: int = 8,
-            answered: dict[str, str] | None = None, on_answer: Callable[[Item, str], None] | None = None,
-            progress: bool = False) -> dict[str, str]:
+def predict(
+    pipeline: Answerer,
+    task: Task,
+    items: Sequence[Item],
+    batch_size: int = 8,
+    answered: dict[str, str] | None = None,
+    on_answer: Callable[[Item, str], None] | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
     """Raw answers by item id: those in `answered` are kept, the others asked in batches (greedy).
     `on_answer` sees each new answer as it arrives; the progress bar shows the running score."""
     if batch_size < 1:
@@ -87,14 +93,20 @@ def predict(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: i
     raw = dict(answered or {})
     todo = [i for i in items if i.id not in raw]
     scorable = task.score is not None
-    running = [task.score(i, task.clean(raw[i.id])) for i in items
-               if scorable and i.target is not None and i.id in raw]
+    running = [task.score(i, task.clean(raw[i.id])) for i in items if scorable and i.target is not None and i.id in raw]
     total, count = sum(running), len(running)  # the running score, kept in O(1) per answer
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=task.name, unit="q",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(items),
+        initial=len(items) - len(todo),
+        desc=task.name,
+        unit="q",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for chunk in _batches(todo, task, batch_size):
-            texts = pipeline.batch([_request(task, i) for i in chunk],
-                                   max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens)
+            texts = pipeline.batch(
+                [_request(task, i) for i in chunk], max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens
+            )
             for item, text in zip(chunk, texts, strict=True):
                 raw[item.id] = text
                 if on_answer is not None:
@@ -125,12 +137,16 @@ def summarise(task: Task, items: Sequence[Item], raw: dict[str, str]) -> dict[st
         scores = {task.metric: fmean(values)}
         per_type = {kind: fmean(v) for kind, v in by_kind.items()}
     kinds = dict(Counter(i.kind for i in scored if i.kind))
-    return {"scores": scores, "per_type": per_type,
-            "counts": {"questions": len(items), "scored": len(scored), "per_type": kinds}}
+    return {
+        "scores": scores,
+        "per_type": per_type,
+        "counts": {"questions": len(items), "scored": len(scored), "per_type": kinds},
+    }
 
 
-def evaluate(pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: int = 8,
-             progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    pipeline: Answerer, task: Task, items: Sequence[Item], batch_size: int = 8, progress: bool = False
+) -> dict[str, Any]:
     """Ask every item and summarise (see `summarise`); nothing is written."""
     return summarise(task, items, predict(pipeline, task, items, batch_size, progress=progress))
 
@@ -165,16 +181,17 @@ class PredictionLog:
         return {k: r["raw"] for k, r in rows.items()}
 
     def _check(self, logged: dict[str, Any]) -> None:
-        changed = [f"{k}: {logged.get(k)!r} != {v!r}" for k, v in self.settings.items()
-                   if logged.get(k) != v]
+        changed = [f"{k}: {logged.get(k)!r} != {v!r}" for k, v in self.settings.items() if logged.get(k) != v]
         if changed:
-            raise CogVLMError(f"{self.path}: predictions of another run ({'; '.join(changed)}); "
-                              "use another --out or delete the file")
+            raise CogVLMError(
+                f"{self.path}: predictions of another run ({'; '.join(changed)}); use another --out or delete the file"
+            )
 
     @contextlib.contextmanager
     def appending(self, task: Task) -> Iterator[Callable[[Item, str], None]]:
         """The function that logs one answer, each line flushed as it is written."""
         with self.path.open("a", encoding="utf-8") as f:
+
             def append(item: Item, raw: str) -> None:
                 f.write(_json_line({"id": item.id, "answer": task.clean(raw), "raw": raw}))
                 f.flush()
@@ -182,16 +199,31 @@ class PredictionLog:
             yield append
 
 
-def run(task: Task, items: Sequence[Item], pipeline: Answerer | Callable[[], Answerer], *, split: str,
-        model: str, out: Path, batch_size: int = 8, skipped: int = 0,
-        progress: bool = True) -> dict[str, Any]:
+def run(
+    task: Task,
+    items: Sequence[Item],
+    pipeline: Answerer | Callable[[], Answerer],
+    *,
+    split: str,
+    model: str,
+    out: Path,
+    batch_size: int = 8,
+    skipped: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate with resumable predictions and write the run's files (see the module doc).
     `pipeline` may be a function that loads it: it is called only if a question is left to ask."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task.name}-{split}"
-    settings = {"task": task.name, "split": split, "model": model, "template": task.template,
-                "prompt": task.prompt, "max_new_tokens": task.max_new_tokens}
+    settings = {
+        "task": task.name,
+        "split": split,
+        "model": model,
+        "template": task.template,
+        "prompt": task.prompt,
+        "max_new_tokens": task.max_new_tokens,
+    }
     log = PredictionLog(out / f"{stem}.predictions.jsonl", settings)
     start = time.perf_counter()
     answered = log.resume()
@@ -226,13 +258,16 @@ def paper_cell(result: dict[str, Any]) -> str:
 
 def summary_table(results: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per run, ours beside the paper's (x 100, as papers print)."""
-    lines = ["| task | split | model | metric | ours | paper | questions |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| task | split | model | metric | ours | paper | questions |", "|---|---|---|---|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["task"], r["split"], r["model"])):
         value = r["scores"].get(r["metric"])
         ours = "-" if value is None else f"{100 * value:.2f}"
-        lines.append(f"| {r['task']} | {r['split']} | {Path(r['model']).name} | {r['metric']} | {ours} "
-                     f"| {paper_cell(r)} | {r['counts']['scored']} |")
-    lines.append("\nScores x 100 (CIDEr too, as papers print it). The paper's captioning numbers come from "
-                 "fine-tuned checkpoints; CIDEr on a subset (--limit) is not comparable to a full split.")
+        lines.append(
+            f"| {r['task']} | {r['split']} | {Path(r['model']).name} | {r['metric']} | {ours} "
+            f"| {paper_cell(r)} | {r['counts']['scored']} |"
+        )
+    lines.append(
+        "\nScores x 100 (CIDEr too, as papers print it). The paper's captioning numbers come from "
+        "fine-tuned checkpoints; CIDEr on a subset (--limit) is not comparable to a full split."
+    )
     return "\n".join(lines) + "\n"

@@ -35,16 +35,16 @@ _HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetit
 class LoadOptions:
     """Everything that decides what is loaded and where; the CLI's loading flags map onto it."""
 
-    model: str | Path | None = None           # folder or hub id; None: the shipped default model
-    revision: str | None = None               # hub branch, tag or commit
-    tokenizer: Any = None                     # folder, hub id or tokenizer object; None: the rule in `resolve`
-    local_files_only: bool | None = None      # hub: the cache only (HF_HUB_OFFLINE=1 does the same)
-    dtype: torch.dtype | str | None = None    # None: bf16 on GPUs, fp32 elsewhere; 'auto': config.json's
+    model: str | Path | None = None  # folder or hub id; None: the shipped default model
+    revision: str | None = None  # hub branch, tag or commit
+    tokenizer: Any = None  # folder, hub id or tokenizer object; None: the rule in `resolve`
+    local_files_only: bool | None = None  # hub: the cache only (HF_HUB_OFFLINE=1 does the same)
+    dtype: torch.dtype | str | None = None  # None: bf16 on GPUs, fp32 elsewhere; 'auto': config.json's
     device: str | torch.device | None = "auto"
     device_map: str | DeviceMap | None = None  # 'auto', 'balanced', 'sequential', a dict or JSON text/file
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | Path | None = None
-    quantize: str | None = None               # 'int8', 'int4', 'nf4'
+    quantize: str | None = None  # 'int8', 'int4', 'nf4'
     quantize_vision: bool = False
     progress: bool = False
 
@@ -63,8 +63,7 @@ class Loaded:
     placement: str = ""
 
 
-def resolve_folder(model: str | Path | None, revision: str | None = None,
-                   local_files_only: bool | None = None) -> Path:
+def resolve_folder(model: str | Path | None, revision: str | None = None, local_files_only: bool | None = None) -> Path:
     """A local folder for a folder or hub id (downloaded into the hub cache); None: the default model."""
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
@@ -126,20 +125,39 @@ def generation_defaults(folder: Path) -> dict[str, Any]:
     return out
 
 
-def load_model(model: str | Path | None = None, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, *, revision: str | None = None,
-               local_files_only: bool | None = None, device_map: str | DeviceMap | None = None,
-               max_memory: dict[Any, Any] | None = None, offload_folder: str | Path | None = None,
-               quantize: str | None = None, quantize_vision: bool = False, progress: bool = False,
-               model_class: type[nn.Module] = CogVLMForCausalLM) -> nn.Module:
+def load_model(
+    model: str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    device_map: str | DeviceMap | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+    progress: bool = False,
+    model_class: type[nn.Module] = CogVLMForCausalLM,
+) -> nn.Module:
     """The network alone (no tokenizer): `dtype` None keeps float32 as transformers does, 'auto'
     takes config.json's; `device` None is the CPU. See `LoadOptions` for the rest."""
     folder = resolve_folder(model, revision, local_files_only)
     config = CogVLMConfig.from_json(folder / "config.json")
-    net = load_placed(folder, config, resolve_dtype(dtype, config), device, device_map=read_device_map(device_map),
-                      max_memory=max_memory, offload_folder=offload_folder, quantize=quantize,
-                      quantize_vision=quantize_vision, progress=progress, model_class=model_class)
-    net.name_or_path = str(folder)   # where save_pretrained finds the remote-code files to keep
+    net = load_placed(
+        folder,
+        config,
+        resolve_dtype(dtype, config),
+        device,
+        device_map=read_device_map(device_map),
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        quantize=quantize,
+        quantize_vision=quantize_vision,
+        progress=progress,
+        model_class=model_class,
+    )
+    net.name_or_path = str(folder)  # where save_pretrained finds the remote-code files to keep
     return net
 
 
@@ -157,19 +175,41 @@ def load(options: LoadOptions = LoadOptions(), model_class: type[nn.Module] = Co
     config = CogVLMConfig.from_json(folder / "config.json")
     where = pick_device(options.device)
     dtype = pick_dtype(where, options.dtype)
-    placement = {"device": where, "device_map": options.device_map, "max_memory": options.max_memory,
-                 "quantize": options.quantize, "quantize_vision": options.quantize_vision}
+    placement = {
+        "device": where,
+        "device_map": options.device_map,
+        "max_memory": options.max_memory,
+        "quantize": options.quantize,
+        "quantize_vision": options.quantize_vision,
+    }
     note = ""
     automatic = options.device in (None, "auto") and options.device_map is None and options.quantize is None
     if automatic and where.type == "cuda":
         saved = read_quantization(folder)
-        placement, note = choose_setting(config, free_memory(), resolve_dtype(dtype, config),
-                                         saved=saved and saved["method"])
+        placement, note = choose_setting(
+            config, free_memory(), resolve_dtype(dtype, config), saved=saved and saved["method"]
+        )
         placement["quantize_vision"] = saved["quantize_vision"] if saved else placement["quantize_vision"]
-    net = load_model(folder, dtype, offload_folder=options.offload_folder, progress=options.progress,
-                     model_class=model_class, **placement)
+    net = load_model(
+        folder,
+        dtype,
+        offload_folder=options.offload_folder,
+        progress=options.progress,
+        model_class=model_class,
+        **placement,
+    )
     return Loaded(net, tokenizer, folder, generation_defaults(folder), note)
 
 
-__all__ = ["LoadOptions", "Loaded", "load", "load_model", "resolve_folder", "resolve_config", "pick_device",
-           "pick_dtype", "generation_defaults", "DEFAULT_MODEL"]
+__all__ = [
+    "LoadOptions",
+    "Loaded",
+    "load",
+    "load_model",
+    "resolve_folder",
+    "resolve_config",
+    "pick_device",
+    "pick_dtype",
+    "generation_defaults",
+    "DEFAULT_MODEL",
+]

@@ -27,9 +27,16 @@ if TYPE_CHECKING:
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _INV_FREQ = "rotary_emb.inv_freq"
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: CogVLMConfig | None = None) -> torch.dtype:
@@ -60,15 +67,15 @@ def weight_files(folder: Path) -> list[Path]:
             return [folder / s for s in shards]
         if (folder / single).is_file():
             return [folder / single]
-    raise CheckpointError(f"{folder}: no weights (model.safetensors, {SAFE_INDEX}, "
-                          f"pytorch_model.bin or {BIN_INDEX})")
+    raise CheckpointError(f"{folder}: no weights (model.safetensors, {SAFE_INDEX}, pytorch_model.bin or {BIN_INDEX})")
 
 
 _SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def iter_tensors(path: Path, device: torch.device | Callable[[str], torch.device], dtype: torch.dtype | None,
-                 mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: Path, device: torch.device | Callable[[str], torch.device], dtype: torch.dtype | None, mmap: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one weight file, floating tensors cast to `dtype` on `device`.
 
     When the file already holds `dtype` and the target is the CPU, tensors stay views of the
@@ -84,8 +91,9 @@ def iter_tensors(path: Path, device: torch.device | Callable[[str], torch.device
         yield name, tensor.to(device=place(name), dtype=dtype if tensor.is_floating_point() else None)
 
 
-def _read(path: Path, place: Callable[[str], torch.device], dtype: torch.dtype | None,
-          mmap: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _read(
+    path: Path, place: Callable[[str], torch.device], dtype: torch.dtype | None, mmap: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) pairs as stored; a file that cannot be read is named as corrupt."""
     try:
         if path.suffix == ".safetensors":
@@ -93,8 +101,9 @@ def _read(path: Path, place: Callable[[str], torch.device], dtype: torch.dtype |
                 names = list(f.keys())
                 stored = {f.get_slice(k).get_dtype() for k in names}
             floats = stored & {"F64", "F32", "BF16", "F16"}
-            zero_copy = (mmap and all(place(k).type in ("cpu", "meta") for k in names)
-                         and floats <= {_SAFE_DTYPES.get(dtype)})
+            zero_copy = (
+                mmap and all(place(k).type in ("cpu", "meta") for k in names) and floats <= {_SAFE_DTYPES.get(dtype)}
+            )
             with safe_open(str(path), framework="pt", backend="mmap" if zero_copy else "pread") as f:
                 for name in names:
                     yield name, f.get_tensor(name)
@@ -119,8 +128,7 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], so
     """One error listing every missing, unexpected and mis-shaped tensor (inv_freq is optional)."""
     missing = [k for k in expected if k not in found and not k.endswith(_INV_FREQ)]
     unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {list(found[k])} != {list(expected[k])}" for k in expected
-             if k in found and found[k] != expected[k]]
+    wrong = [f"{k} {list(found[k])} != {list(expected[k])}" for k in expected if k in found and found[k] != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {_names(missing)}")
@@ -143,8 +151,12 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
-                    metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    max_shard_size: int | str = "5GB",
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write safetensors shards (+ index when more than one) the way transformers names them;
     `metadata` goes into every shard's header (quantised checkpoints describe their tensors there)."""
     metadata = {"format": "pt", **(metadata or {})}
@@ -161,8 +173,7 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     for stale in list(folder.glob("model*.safetensors")) + [folder / SAFE_INDEX]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        atomic_write(folder / "model.safetensors",
-                      lambda tmp: save_file(shards[0], tmp, metadata=metadata))
+        atomic_write(folder / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=metadata))
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
@@ -182,8 +193,9 @@ def config_dict(config: CogVLMConfig, folder: Path) -> dict[str, Any]:
     return data
 
 
-def save_model(model: "CogVLMForCausalLM", folder: str | Path, max_shard_size: int | str = "5GB",
-               source: str | Path | None = None) -> None:
+def save_model(
+    model: "CogVLMForCausalLM", folder: str | Path, max_shard_size: int | str = "5GB", source: str | Path | None = None
+) -> None:
     """config.json, generation_config.json and the weights, in the official layout.
 
     `source` (default: the folder the model was loaded from) lends its remote-code `.py` files and
@@ -195,9 +207,13 @@ def save_model(model: "CogVLMForCausalLM", folder: str | Path, max_shard_size: i
     source = Path(source or getattr(model, "name_or_path", "") or folder)
     config = model.config.replace(torch_dtype=str(model.dtype).replace("torch.", ""))
     save_state_dict(model.state_dict(), folder, max_shard_size)
-    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
-                  "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-                  "transformers_version": "4.35.0"}
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "transformers_version": "4.35.0",
+    }
     if source.is_dir() and source.resolve() != folder.resolve():
         for code in source.glob("*.py"):
             atomic_write_bytes(folder / code.name, code.read_bytes())

@@ -24,9 +24,18 @@ from ..config import CogVLMConfig
 from ..errors import SettingsError
 from ..model.cogvlm import CogVLMForCausalLM
 from ..model.decoder import rotary_inv_freq
-from .quantize import (METHODS, check_method, is_target, iter_quantized_checkpoint, quantize_module,
-                       quantized_dtypes, quiet_logs, read_quantization, release_freed_memory, weight_bytes)
 from .files import check_keys, iter_tensors, parse_size, weight_files
+from .quantize import (
+    check_method,
+    is_target,
+    iter_quantized_checkpoint,
+    quantize_module,
+    quantized_dtypes,
+    quiet_logs,
+    read_quantization,
+    release_freed_memory,
+    weight_bytes,
+)
 
 #: Modules a plan never splits: the official two, plus the patch embedding (its position table
 #: is read, not called, so it must sit with the module that reads it) and the small GLU adapter
@@ -63,9 +72,14 @@ def main_device(device_map: DeviceMap) -> int | str:
     return next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
 
 
-def plan_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict[Any, Any] | None = None,
-                    dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
-                    quantize_vision: bool = False) -> DeviceMap:
+def plan_device_map(
+    model: nn.Module,
+    strategy: str = "auto",
+    max_memory: dict[Any, Any] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+) -> DeviceMap:
     """A device map for a (meta) model: 'auto' / 'balanced' spread evenly over the GPUs (as
     transformers), 'balanced_low_0' keeps GPU 0 light, 'sequential' fills devices in order (the
     official recipe); then CPU, then disk. Budgets are taken as given, so plans for GPUs this
@@ -79,8 +93,14 @@ def plan_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict[A
     special = quantized_dtypes(model, quantize, quantize_vision)
     with quiet_logs("accelerate.utils.modeling"):
         if strategy != "sequential":
-            budgets = get_balanced_memory(model, dict(budgets), NO_SPLIT, dtype=dtype, special_dtypes=special,
-                                          low_zero=strategy == "balanced_low_0")
+            budgets = get_balanced_memory(
+                model,
+                dict(budgets),
+                NO_SPLIT,
+                dtype=dtype,
+                special_dtypes=special,
+                low_zero=strategy == "balanced_low_0",
+            )
         device_map = infer_auto_device_map(model, budgets, NO_SPLIT, dtype=dtype, special_dtypes=special)
     return _vision_glue(device_map)
 
@@ -106,8 +126,10 @@ def check_device_map(model: nn.Module, device_map: DeviceMap) -> None:
     """Every tensor placed, every device real: one error naming the modules a map leaves out."""
     left_out = sorted({name.rpartition(".")[0] for name in model.state_dict() if _entry(device_map, name) is None})
     if left_out:
-        raise SettingsError(f"the device map places no device for {len(left_out)} module(s): {_compress(left_out)} "
-                            "(add them, or an entry for a module that holds them)")
+        raise SettingsError(
+            f"the device map places no device for {len(left_out)} module(s): {_compress(left_out)} "
+            "(add them, or an entry for a module that holds them)"
+        )
     for value in set(device_map.values()):
         if value != "disk":
             check_device(torch.device("cuda", value) if isinstance(value, int) else value)
@@ -121,12 +143,16 @@ def check_device(device: str | torch.device) -> torch.device:
         raise SettingsError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
     if device.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise SettingsError(f"device {device} asked for, but this torch ({torch.__version__}) is a CPU-only "
-                                "build: install a CUDA build of torch (pytorch.org) or use --device cpu")
+            raise SettingsError(
+                f"device {device} asked for, but this torch ({torch.__version__}) is a CPU-only "
+                "build: install a CUDA build of torch (pytorch.org) or use --device cpu"
+            )
         count = torch.cuda.device_count()
         if count == 0:
-            raise SettingsError(f"device {device} asked for, but no CUDA GPU is visible "
-                                "(driver, CUDA_VISIBLE_DEVICES?): use --device cpu")
+            raise SettingsError(
+                f"device {device} asked for, but no CUDA GPU is visible "
+                "(driver, CUDA_VISIBLE_DEVICES?): use --device cpu"
+            )
         if device.index is not None and device.index >= count:
             raise SettingsError(f"device {device} does not exist: this machine has {count} GPU(s), cuda:0..{count - 1}")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -134,19 +160,30 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: str | torch.device | None = None,
-                *, device_map: str | DeviceMap | None = None, max_memory: dict[Any, Any] | None = None,
-                offload_folder: str | Path | None = None, quantize: str | None = None,
-                quantize_vision: bool = False, progress: bool = False,
-                model_class: type[nn.Module] = CogVLMForCausalLM) -> nn.Module:
+def load_placed(
+    folder: Path,
+    config: CogVLMConfig,
+    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    *,
+    device_map: str | DeviceMap | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+    progress: bool = False,
+    model_class: type[nn.Module] = CogVLMForCausalLM,
+) -> nn.Module:
     """Build `model_class` on the meta device and fill it from `folder`'s memory-mapped files,
     placed by `device_map` (None: everything on `device`); with `quantize`, each layer is
     quantised as its weight arrives; a saved quantised checkpoint loads as it was saved.
     Quantised layers cannot be offloaded (their kernels run where they live)."""
     saved = read_quantization(folder)
     if saved is not None and quantize not in (None, saved["method"]):
-        raise SettingsError(f"{folder} is quantised with {saved['method']}, not {quantize}: "
-                            f"drop --quantize or load the full-precision folder")
+        raise SettingsError(
+            f"{folder} is quantised with {saved['method']}, not {quantize}: "
+            f"drop --quantize or load the full-precision folder"
+        )
     if saved is not None:
         quantize, quantize_vision = saved["method"], saved["quantize_vision"]
     quantize = quantize and check_method(quantize)
@@ -161,8 +198,10 @@ def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: 
     main = main_device(device_map)
     offloaded = {"disk"} if main == "cpu" else {"cpu", "disk"}
     if quantize is not None and offloaded & set(device_map.values()):
-        raise SettingsError(f"a {quantize} model cannot be offloaded ({sorted(offloaded)} in the device map): "
-                            "give the GPUs more max_memory or use a smaller quantisation")
+        raise SettingsError(
+            f"a {quantize} model cannot be offloaded ({sorted(offloaded)} in the device map): "
+            "give the GPUs more max_memory or use a smaller quantisation"
+        )
     buffers = {name for name, _ in model.named_buffers()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
 
@@ -176,13 +215,12 @@ def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: 
 
     expected = {k: v.shape for k, v in model.state_dict().items()}
     found: dict[str, torch.Size] = {}
-    index: dict[str, dict[str, str]] = {}   # disk-offloaded weights, for accelerate
+    index: dict[str, dict[str, str]] = {}  # disk-offloaded weights, for accelerate
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     if saved is not None:
         stream = ((files[0], n, t) for n, t in iter_quantized_checkpoint(files, partial(place, files[0]), dtype))
     else:  # pread when quantising: a full-precision tensor is freed once quantised
-        stream = ((p, n, t) for p in files
-                  for n, t in iter_tensors(p, partial(place, p), dtype, mmap=quantize is None))
+        stream = ((p, n, t) for p in files for n, t in iter_tensors(p, partial(place, p), dtype, mmap=quantize is None))
     try:
         for path, name, tensor in stream:
             bar.update()
@@ -207,22 +245,30 @@ def load_placed(folder: Path, config: CogVLMConfig, dtype: torch.dtype, device: 
         _assign(model, name, inv_freq.to(place(files[0], name)), False)
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():
         from accelerate import dispatch_model
-        dispatch_model(model, device_map, main_device=main, offload_dir=offload_folder,
-                       offload_index=index or None)
-    if set(device_map) != {""}:   # as transformers: only a mapped model has one (peft reads it)
+
+        dispatch_model(model, device_map, main_device=main, offload_dir=offload_folder, offload_index=index or None)
+    if set(device_map) != {""}:  # as transformers: only a mapped model has one (peft reads it)
         model.hf_device_map = dict(device_map)
     return model.eval()
 
 
-def _out_of_memory(model: nn.Module, config: CogVLMConfig, dtype: torch.dtype, device_map: DeviceMap,
-                   quantize: str | None, quantize_vision: bool) -> str:
+def _out_of_memory(
+    model: nn.Module,
+    config: CogVLMConfig,
+    dtype: torch.dtype,
+    device_map: DeviceMap,
+    quantize: str | None,
+    quantize_vision: bool,
+) -> str:
     """What ran out, what the weights need, and the setting `choose_setting` finds for what is free."""
     need = weight_bytes(model, torch.finfo(dtype).bits // 8, quantize, quantize_vision)
     where = ", ".join(sorted({str(v) for v in device_map.values()}))
     _, advice = choose_setting(config, free_memory(), dtype)
-    return (f"out of memory loading the weights on {where}: they need {need / 2**30:.2f} GiB "
-            f"({str(dtype).replace('torch.', '')}{', ' + quantize if quantize else ''}); for the memory free now: "
-            f"{advice} (pass that as --quantize / --device-map / --max-memory, or use --device auto)")
+    return (
+        f"out of memory loading the weights on {where}: they need {need / 2**30:.2f} GiB "
+        f"({str(dtype).replace('torch.', '')}{', ' + quantize if quantize else ''}); for the memory free now: "
+        f"{advice} (pass that as --quantize / --device-map / --max-memory, or use --device auto)"
+    )
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> tuple[str, nn.Module]:
@@ -236,8 +282,9 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bo
     return module_name, module
 
 
-def _offload(path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype,
-             offload_folder: str | Path | None) -> dict[str, dict[str, Any]]:
+def _offload(
+    path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype, offload_folder: str | Path | None
+) -> dict[str, dict[str, Any]]:
     """Where accelerate finds a disk-offloaded tensor: its safetensors file, or a copy in the folder."""
     if tensor.device.type == "meta":
         stored = str(dtype if tensor.is_floating_point() else tensor.dtype).replace("torch.", "")
@@ -252,9 +299,10 @@ def _offload(path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype,
 
 # ---- the plan, printed -------------------------------------------------------------------------
 
+
 def _compress(names: Sequence[str]) -> str:
     """'model.layers.0', ..., 'model.layers.15' -> 'model.layers.0-15'."""
-    groups: list[list[Any]] = []   # [name] or [prefix, first, last]
+    groups: list[list[Any]] = []  # [name] or [prefix, first, last]
     for name in names:
         m = re.fullmatch(r"(.+)\.(\d+)", name)
         last = groups[-1] if groups else None
@@ -262,13 +310,17 @@ def _compress(names: Sequence[str]) -> str:
             last[2] += 1
         else:
             groups.append([m[1], int(m[2]), int(m[2])] if m else [name])
-    return ", ".join(g[0] if len(g) == 1 else f"{g[0]}.{g[1]}" + (f"-{g[2]}" if g[2] > g[1] else "")
-                     for g in groups)
+    return ", ".join(g[0] if len(g) == 1 else f"{g[0]}.{g[1]}" + (f"-{g[2]}" if g[2] > g[1] else "") for g in groups)
 
 
-def describe_plan(folder_or_preset: str | Path, device_map: str | DeviceMap = "auto",
-                  max_memory: dict[Any, Any] | None = None, dtype: torch.dtype | str = "bfloat16",
-                  quantize: str | None = None, quantize_vision: bool = False) -> str:
+def describe_plan(
+    folder_or_preset: str | Path,
+    device_map: str | DeviceMap = "auto",
+    max_memory: dict[Any, Any] | None = None,
+    dtype: torch.dtype | str = "bfloat16",
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+) -> str:
     """What `cogvlm info --device-map` prints: the modules and weight memory of each device,
     planned on the meta device (no weights read)."""
     from accelerate.utils import compute_module_sizes
@@ -280,29 +332,41 @@ def describe_plan(folder_or_preset: str | Path, device_map: str | DeviceMap = "a
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
-    plan = (plan_device_map(model, device_map, max_memory, dtype, quantize, quantize_vision)
-            if isinstance(device_map, str) else dict(device_map))
+    plan = (
+        plan_device_map(model, device_map, max_memory, dtype, quantize, quantize_vision)
+        if isinstance(device_map, str)
+        else dict(device_map)
+    )
     special = quantized_dtypes(model, quantize, quantize_vision)
     sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special)
     budgets = _budgets(max_memory)
     per_device: dict[Any, list[str]] = {}
     for name, where in plan.items():
         per_device.setdefault(where, []).append(name)
-    weights = str(dtype).replace("torch.", "") + (f", {quantize}{' (vision too)' * quantize_vision}"
-                                                   if quantize else "")
+    weights = str(dtype).replace("torch.", "") + (
+        f", {quantize}{' (vision too)' * quantize_vision}" if quantize else ""
+    )
     unit, scale = ("GiB", 2**30) if sizes[""] >= 2**30 else ("MiB", 2**20)
-    lines = [f"device map '{device_map if isinstance(device_map, str) else 'given'}' for {source} ({weights}): "
-             "planned on the meta device, nothing loaded",
-             f"  {'device':<7} {'weights ' + unit:>12} {'budget ' + unit:>11}  modules"]
+    lines = [
+        f"device map '{device_map if isinstance(device_map, str) else 'given'}' for {source} ({weights}): "
+        "planned on the meta device, nothing loaded",
+        f"  {'device':<7} {'weights ' + unit:>12} {'budget ' + unit:>11}  modules",
+    ]
     for where, names in per_device.items():
         budget = f"{budgets[where] / scale:11.2f}" if where in budgets else f"{'-':>11}"
         used = sum(sizes[n] for n in names) / scale
         lines.append(f"  {str(where):<7} {used:12.2f} {budget}  {_compress(names) or 'everything'}")
     main = main_device(plan)
     offloaded = " and ".join(str(d) for d in per_device if d == "disk" or (d == "cpu" and main != "cpu"))
-    lines.append(f"  total   {sizes[''] / scale:12.2f} {unit}; " + (
-        f"offloaded to {offloaded}: those weights travel to device {main} at every call (slow)"
-        if offloaded else "no offload") + f"; {', '.join(NO_SPLIT[:2])} kept whole")
+    lines.append(
+        f"  total   {sizes[''] / scale:12.2f} {unit}; "
+        + (
+            f"offloaded to {offloaded}: those weights travel to device {main} at every call (slow)"
+            if offloaded
+            else "no offload"
+        )
+        + f"; {', '.join(NO_SPLIT[:2])} kept whole"
+    )
     if quantize and offloaded:
         lines.append(f"  (loading refuses this plan: {quantize} layers are never offloaded; raise --max-memory)")
     return "\n".join(lines)
@@ -310,14 +374,29 @@ def describe_plan(folder_or_preset: str | Path, device_map: str | DeviceMap = "a
 
 # ---- choosing a setting for the memory there is ----------------------------------------------
 
-def _setting(device: str, device_map: str | None = None, max_memory: dict[int | str, int] | None = None,
-             quantize: str | None = None, quantize_vision: bool = False) -> dict[str, Any]:
-    return {"device": device, "device_map": device_map, "max_memory": max_memory, "quantize": quantize,
-            "quantize_vision": quantize_vision}
+
+def _setting(
+    device: str,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int] | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+) -> dict[str, Any]:
+    return {
+        "device": device,
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "quantize": quantize,
+        "quantize_vision": quantize_vision,
+    }
 
 
-def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, int],
-                   dtype: torch.dtype = torch.bfloat16, saved: str | None = None) -> tuple[dict[str, Any], str]:
+def choose_setting(
+    config: CogVLMConfig,
+    free_bytes_per_device: dict[int | str, int],
+    dtype: torch.dtype = torch.bfloat16,
+    saved: str | None = None,
+) -> tuple[dict[str, Any], str]:
     """The largest setting that fits the GPUs' free memory ({0: bytes, 1: ..., 'cpu': bytes}):
     `dtype` on one GPU, then a device map over all GPUs, then int8, then 4-bit (int4 on bf16
     GPUs, nf4 on fp16 ones, where tinygemm does not run), then 4-bit with the vision tower too;
@@ -344,7 +423,8 @@ def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, 
         if need + kv <= free_bytes_per_device[gpus[0]] * GPU_SHARE:
             setting, where = _setting(f"cuda:{gpus[0]}", None, None, quantize, vision), first
         elif len(gpus) > 1 and not {"cpu", "disk"} & set(
-                plan_device_map(model, "auto", budgets, dtype, quantize, vision).values()):
+            plan_device_map(model, "auto", budgets, dtype, quantize, vision).values()
+        ):
             setting, where = _setting("cuda", "auto", budgets, quantize, vision), f"{len(gpus)} GPUs"
         else:
             continue
@@ -352,8 +432,10 @@ def choose_setting(config: CogVLMConfig, free_bytes_per_device: dict[int | str, 
         return setting, f"{label} " + (f"fit {first}" if fits else f"do not fit {first}: using {what} on {where}")
     cpu = int(free_bytes_per_device.get("cpu", 0) * GPU_SHARE)
     if saved is None and full <= sum(budgets.values()) + cpu:
-        return (_setting("cuda", "auto", {**budgets, "cpu": cpu}),
-                f"even 4-bit weights do not fit the GPUs: {name} with CPU offload (slow)")
+        return (
+            _setting("cuda", "auto", {**budgets, "cpu": cpu}),
+            f"even 4-bit weights do not fit the GPUs: {name} with CPU offload (slow)",
+        )
     return _setting("cpu", quantize=saved), f"{label} fit neither the GPUs nor CPU offload: running on the CPU"
 
 
@@ -361,8 +443,10 @@ def free_memory() -> dict[int | str, int]:
     """Free bytes on each visible GPU and available RAM ('cpu')."""
     import psutil
 
-    return {**{i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())},
-            "cpu": psutil.virtual_memory().available}
+    return {
+        **{i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())},
+        "cpu": psutil.virtual_memory().available,
+    }
 
 
 def read_device_map(text: str | DeviceMap | None) -> str | DeviceMap | None:

@@ -16,12 +16,9 @@ config.json; `load_model` reads that field itself (the config reader ignores it)
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import logging
-import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,17 +27,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import CogVLMConfig
 from ..errors import CheckpointError, SettingsError
-from ..fileio import write_json
-from .files import BIN_INDEX, SAFE_INDEX, iter_tensors, resolve_dtype, save_state_dict
+from .files import iter_tensors
 
 METHODS = ("int8", "int4", "nf4")
 #: Approximate bytes per quantised weight, scales included (memory estimates and planning).
 BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 4 / 128, "nf4": 0.5 + 4 / 64}
 FORMAT = "torchao-safetensors"
-_INT4_GROUPS = (128, 64, 32)   # the tinygemm kernels' group sizes, largest (smallest overhead) first
-_NF4_BLOCK = 64                # NF4's block size (QLoRA); its absmax scalers are quantised in blocks of <= 256
+_INT4_GROUPS = (128, 64, 32)  # the tinygemm kernels' group sizes, largest (smallest overhead) first
+_NF4_BLOCK = 64  # NF4's block size (QLoRA); its absmax scalers are quantised in blocks of <= 256
 
 
 def check_method(method: str) -> str:
@@ -52,17 +47,18 @@ def check_method(method: str) -> str:
 
 def is_target(name: str, module: nn.Module, quantize_vision: bool = False) -> bool:
     """Whether the module `name` is quantised: every Linear but lm_head, the vision side only on request."""
-    return (isinstance(module, nn.Linear) and name != "lm_head"
-            and (quantize_vision or not name.startswith("model.vision.")))
+    return (
+        isinstance(module, nn.Linear)
+        and name != "lm_head"
+        and (quantize_vision or not name.startswith("model.vision."))
+    )
 
 
 def backend_name(method: str, device: torch.device) -> str:
     """The library and kernel that serve `method` on `device` (for messages and docs)."""
     if device.type == "cuda":
-        return {"int8": "torchao int8 weight-only", "int4": "torchao tinygemm int4",
-                "nf4": "bitsandbytes nf4"}[method]
-    return {"int8": "torchao int8 weight-only", "int4": "torchao tinygemm-cpu int4",
-            "nf4": "torchao NF4Tensor"}[method]
+        return {"int8": "torchao int8 weight-only", "int4": "torchao tinygemm int4", "nf4": "bitsandbytes nf4"}[method]
+    return {"int8": "torchao int8 weight-only", "int4": "torchao tinygemm-cpu int4", "nf4": "torchao NF4Tensor"}[method]
 
 
 @contextmanager
@@ -90,6 +86,7 @@ def quantize_module(module: nn.Linear, method: str) -> nn.Module:
     with quiet_logs("torchao", "torch.utils._pytree"):
         if method == "nf4":
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
             if weight.numel() % _NF4_BLOCK:
                 return module
             n_blocks = weight.numel() // _NF4_BLOCK
@@ -97,6 +94,7 @@ def quantize_module(module: nn.Linear, method: str) -> nn.Module:
             module.weight = nn.Parameter(to_nf4(weight, _NF4_BLOCK, scaler_block), requires_grad=False)
             return module
         from torchao.quantization import quantize_
+
         config = _torchao_config(method, module.in_features, weight.device)
         if config is not None:
             quantize_(module, config)
@@ -123,9 +121,11 @@ def _torchao_config(method: str, in_features: int, device: torch.device) -> Any:
     if group is None:
         return None
     if device.type == "cuda":
-        return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
-                                    set_inductor_config=False)
+        return Int4WeightOnlyConfig(
+            group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
     return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
 
 
@@ -135,8 +135,14 @@ def _bnb_nf4(module: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
 
     weight = module.weight.detach()
-    quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=weight.dtype, quant_type="nf4", device="meta")
+    quantized = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=weight.dtype,
+        quant_type="nf4",
+        device="meta",
+    )
     quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4").to(weight.device)
     if module.bias is not None:
         quantized.bias = module.bias
@@ -144,6 +150,7 @@ def _bnb_nf4(module: nn.Linear) -> nn.Module:
 
 
 # ---- memory --------------------------------------------------------------------------------
+
 
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds: a torchao tensor's packed data and scales, not its logical shape
@@ -163,8 +170,7 @@ def quantized_dtypes(model: nn.Module, quantize: str | None, quantize_vision: bo
     return {f"{n}.weight": dtype for n, m in model.named_modules() if is_target(n, m, quantize_vision)}
 
 
-def weight_bytes(model: nn.Module, dtype_bytes: int, quantize: str | None = None,
-                 quantize_vision: bool = False) -> int:
+def weight_bytes(model: nn.Module, dtype_bytes: int, quantize: str | None = None, quantize_vision: bool = False) -> int:
     """Parameter memory of a (meta) model in a dtype, quantised weights with their scales."""
     total = 0.0
     for name, module in model.named_modules():
@@ -176,6 +182,7 @@ def weight_bytes(model: nn.Module, dtype_bytes: int, quantize: str | None = None
 
 # ---- saved checkpoints ----------------------------------------------------------------------
 
+
 def read_quantization(folder: str | Path) -> dict[str, Any] | None:
     """The `quantization_config` a `cogvlm quantize` folder records in config.json, else None."""
     path = Path(folder) / "config.json"
@@ -186,21 +193,26 @@ def read_quantization(folder: str | Path) -> dict[str, Any] | None:
     if record is None:
         return None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("method") not in METHODS:
-        raise CheckpointError(f"{path}: quantization_config is not one cogvlm wrote "
-                              f"(expected format '{FORMAT}'); load the full-precision folder instead")
+        raise CheckpointError(
+            f"{path}: quantization_config is not one cogvlm wrote "
+            f"(expected format '{FORMAT}'); load the full-precision folder instead"
+        )
     return record
 
 
 def torchao_serialisation() -> tuple[Callable, Callable, Sequence[str]]:
     with quiet_logs("torchao", "torch.utils._pytree"):
         from torchao.prototype.safetensors.safetensors_support import (
-            flatten_tensor_state_dict, unflatten_tensor_state_dict)
+            flatten_tensor_state_dict,
+            unflatten_tensor_state_dict,
+        )
         from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
     return flatten_tensor_state_dict, unflatten_tensor_state_dict, ALLOWED_TENSORS_SUBCLASSES
 
 
-def iter_quantized_checkpoint(files: Sequence[Path], place: Callable[[str], torch.device],
-                              dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_quantized_checkpoint(
+    files: Sequence[Path], place: Callable[[str], torch.device], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a saved quantised checkpoint: quantised weights rebuilt by torchao
     from their parts (as they complete, one weight at a time), other tensors cast to `dtype`."""
     _, unflatten, _ = torchao_serialisation()
@@ -208,7 +220,7 @@ def iter_quantized_checkpoint(files: Sequence[Path], place: Callable[[str], torc
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             metadata.update(f.metadata() or {})
-    owner: dict[str, str] = {}   # stored part -> the weight it belongs to
+    owner: dict[str, str] = {}  # stored part -> the weight it belongs to
     for name in json.loads(metadata.get("tensor_names", "[]")):
         info = json.loads(metadata[name])
         if info["_type"] != "Tensor":

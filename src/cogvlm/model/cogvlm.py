@@ -30,7 +30,7 @@ Images = Sequence[Sequence[torch.Tensor]] | torch.Tensor | None
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor            # (B, T, V) fp32
+    logits: torch.Tensor  # (B, T, V) fp32
     loss: torch.Tensor | None = None
 
 
@@ -60,21 +60,32 @@ class CogVLMModel(nn.Module):
         images = images.to(device=None if weight.device.type == "meta" else weight.device, dtype=weight.dtype)
         return self.vision(images)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, images: Images = None,
-                kv_cache: Sequence[LayerCache] | None = None, cache_start: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: Images = None,
+        kv_cache: Sequence[LayerCache] | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
         """Hidden states (B, T, D) after the final norm. Images are used only without a past."""
-        x = self.embed_tokens(input_ids)                                  # (B, T, D)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
         is_image = token_type_ids == VISION_TOKEN_TYPE
         features = self.encode_images(images) if cache_start == 0 else None
         n_image_tokens = int(is_image.sum())
         n_features = 0 if features is None else features.shape[0] * features.shape[1]
         if cache_start == 0 and n_image_tokens != n_features:
-            raise ValueError(f"{n_image_tokens} image-typed tokens but {n_features} image features "
-                             "(each image needs config.image_tokens placeholders)")
+            raise ValueError(
+                f"{n_image_tokens} image-typed tokens but {n_features} image features "
+                "(each image needs config.image_tokens placeholders)"
+            )
         if features is not None:
-            x = x.index_put((is_image.to(x.device),),  # row-major; the tower may sit on another device
-                            features.reshape(-1, x.shape[-1]).to(x.device, x.dtype))
+            x = x.index_put(
+                (is_image.to(x.device),),  # row-major; the tower may sit on another device
+                features.reshape(-1, x.shape[-1]).to(x.device, x.dtype),
+            )
         vision_mask = vision_expert_mask(token_type_ids)
         attn_mask, is_causal = attention_mask_4d(attention_mask, x.shape[1], cache_start, x.device)
         for i, layer in enumerate(self.layers):
@@ -131,11 +142,18 @@ class CogVLMForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, images: Images = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                kv_cache: Sequence[LayerCache] | None = None, cache_start: int = 0,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: Images = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache: Sequence[LayerCache] | None = None,
+        cache_start: int = 0,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
         """input_ids, token_type_ids, attention_mask (B, T) -> logits (B, T, V) in fp32.
 
         With `kv_cache`, keys and values are written at positions cache_start.. and the
@@ -146,13 +164,15 @@ class CogVLMForCausalLM(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = build_position_ids(token_type_ids, attention_mask)
-        hidden = self.model(input_ids, token_type_ids, position_ids, attention_mask, images,
-                            kv_cache, cache_start)
+        hidden = self.model(input_ids, token_type_ids, position_ids, attention_mask, images, kv_cache, cache_start)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
         return CausalLMOutput(logits=logits, loss=loss)

@@ -57,8 +57,8 @@ class RotaryEmbedding(nn.Module):
         `arange` in that dtype (bf16 rounds positions above 256; reproduced on purpose).
         """
         t = position_ids.to(self.inv_freq.dtype)
-        freqs = t[..., None] * self.inv_freq                # (B, T, K/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]    # (B, 1, T, K)
+        freqs = t[..., None] * self.inv_freq  # (B, T, K/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, K)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -71,15 +71,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def route(x: torch.Tensor, vision_mask: torch.Tensor | None,
-          language: Callable[[torch.Tensor], torch.Tensor],
-          vision: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def route(
+    x: torch.Tensor,
+    vision_mask: torch.Tensor | None,
+    language: Callable[[torch.Tensor], torch.Tensor],
+    vision: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Apply `vision` to the tokens where vision_mask (B, T) is set and `language` elsewhere."""
     if vision_mask is None:
         return language(x)
-    lang = language(x[~vision_mask])                        # (N_lang, out)
-    vis = vision(x[vision_mask])                            # (N_vis, out)
-    out = lang.new_empty(x.shape[:-1] + lang.shape[-1:])    # (B, T, out)
+    lang = language(x[~vision_mask])  # (N_lang, out)
+    vis = vision(x[vision_mask])  # (N_vis, out)
+    out = lang.new_empty(x.shape[:-1] + lang.shape[-1:])  # (B, T, out)
     out[~vision_mask] = lang
     out[vision_mask] = vis
     return out
@@ -97,14 +100,23 @@ class VisionExpertAttention(nn.Module):
         self.language_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
         self.language_expert_dense = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, vision_mask: torch.Tensor | None,
-                attn_mask: torch.Tensor | None, is_causal: bool,
-                cache: LayerCache | None = None, cache_start: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: LayerCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
         b, t, d = x.shape
-        mixed = route(x, vision_mask, self.language_expert_query_key_value,
-                      self.vision_expert_query_key_value)            # (B, T, 3D): Q | K | V
-        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for y in mixed.split(d, dim=-1))                  # each (B, H, T, K)
+        mixed = route(
+            x, vision_mask, self.language_expert_query_key_value, self.vision_expert_query_key_value
+        )  # (B, T, 3D): Q | K | V
+        q, k, v = (
+            y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in mixed.split(d, dim=-1)
+        )  # each (B, H, T, K)
         cos, sin = self.rotary_emb(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # write post-RoPE keys/values at their positions, read the prefix
@@ -114,7 +126,7 @@ class VisionExpertAttention(nn.Module):
             cache_v[:, :, cache_start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        ctx = ctx.transpose(1, 2).reshape(b, t, d)                   # (B, T, D)
+        ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return route(ctx, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 
 
@@ -152,9 +164,17 @@ class CogVLMDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = VisionExpertMLP(config)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, vision_mask: torch.Tensor | None,
-                attn_mask: torch.Tensor | None, is_causal: bool,
-                cache: LayerCache | None = None, cache_start: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, vision_mask, attn_mask,
-                               is_causal, cache, cache_start)
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: LayerCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(
+            self.input_layernorm(x), position_ids, vision_mask, attn_mask, is_causal, cache, cache_start
+        )
         return x + self.mlp(self.post_attention_layernorm(x), vision_mask)

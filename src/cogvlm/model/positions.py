@@ -45,8 +45,9 @@ def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor | None:
     return mask if bool(mask.any()) else None
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int,
-                      device: torch.device) -> tuple[torch.Tensor | None, bool]:
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
     """The SDPA mask for T new queries after `past` cached keys: (mask (B, 1, T, past + T), is_causal).
 
     Unpadded inputs take SDPA's own causal path (or no mask for one query), as the official code
@@ -62,7 +63,6 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int
     causal = torch.ones(q_len, total, dtype=torch.bool, device=device).tril(diagonal=past)
     self_only = torch.zeros_like(causal)
     self_only[torch.arange(q_len, device=device), torch.arange(past, total, device=device)] = True
-    keys = (attention_mask if attention_mask is not None
-            else torch.ones(1, total, dtype=torch.bool, device=device))
+    keys = attention_mask if attention_mask is not None else torch.ones(1, total, dtype=torch.bool, device=device)
     keys = keys[:, None, None, :total].to(device=device, dtype=torch.bool)  # (B, 1, 1, S)
     return (causal & keys) | self_only, False

@@ -17,17 +17,18 @@ from .adapter import GLU
 class PatchEmbedding(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(config.in_channels, config.hidden_size,
-                              kernel_size=config.patch_size, stride=config.patch_size)
+        self.proj = nn.Conv2d(
+            config.in_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
         self.cls_embedding = nn.Parameter(torch.zeros(1, config.hidden_size))
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, S, S) -> tokens (N, 1 + P, Dv), cls first, positions added to all."""
-        x = self.proj(images)                       # (N, Dv, S/p, S/p)
-        x = x.flatten(2).transpose(1, 2)            # (N, P, Dv)
+        x = self.proj(images)  # (N, Dv, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2)  # (N, P, Dv)
         cls = self.cls_embedding.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)              # (N, 1 + P, Dv)
+        x = torch.cat((cls, x), dim=1)  # (N, 1 + P, Dv)
         positions = torch.arange(x.shape[1], device=x.device)
         return x + self.position_embedding(positions).unsqueeze(0)  # called, not read: offload hooks see it
 
@@ -44,7 +45,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
         qkv = self.query_key_value(x).view(n, t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)         # each (N, H, T, K)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, T, K)
         # Non-causal, unmasked; SDPA's default scale is head_dim ** -0.5 as in the official code.
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(n, t, -1)  # (N, T, Dv)
@@ -104,7 +105,7 @@ class EVA2CLIPModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, S, S) -> (N, P + 2, D)."""
-        x = self.transformer(self.patch_embedding(images))[:, 1:]   # (N, P, Dv), cls dropped
-        x = self.linear_proj(x)                                     # (N, P, D)
+        x = self.transformer(self.patch_embedding(images))[:, 1:]  # (N, P, Dv), cls dropped
+        x = self.linear_proj(x)  # (N, P, D)
         n = x.shape[0]
         return torch.cat((self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)), dim=1)

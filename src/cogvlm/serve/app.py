@@ -26,8 +26,17 @@ from ..errors import PromptError
 from ..pipeline import Pipeline
 from .engine import Engine, EngineSettings, Event, Job, QueueFull
 from .media import MediaPolicy, fetch_image
-from .protocol import (APIError, ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList,
-                       Reply, generation_config, to_conversation)
+from .protocol import (
+    APIError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Reply,
+    generation_config,
+    to_conversation,
+)
 
 log = logging.getLogger("cogvlm.serve")
 STATIC = Path(__file__).parent / "static"
@@ -42,7 +51,7 @@ class ServeSettings:
 
     model_names: tuple[str, ...] = ("cogvlm", "cogvlm-chat-17b")  # the first is the main id
     api_key: str | None = None
-    max_body_bytes: int = 20 * 2 ** 20
+    max_body_bytes: int = 20 * 2**20
     default_max_tokens: int | None = None  # None: up to the context length
     engine: EngineSettings = field(default_factory=EngineSettings)
     media: MediaPolicy = field(default_factory=MediaPolicy)
@@ -78,8 +87,7 @@ class ServerState:
     def ready(self) -> tuple[Pipeline, Engine]:
         if self.status != "ready":
             message = "the model is still loading" if self.status == "loading" else "the model failed to load"
-            raise APIError(503, message, type="server_error", code=f"model_{self.status}",
-                           headers={"Retry-After": "5"})
+            raise APIError(503, message, type="server_error", code=f"model_{self.status}", headers={"Retry-After": "5"})
         return self.pipeline, self.engine
 
 
@@ -95,10 +103,12 @@ def create_app(source: Pipeline | Callable[[], Pipeline], settings: ServeSetting
         yield
         state.stop()
 
-    guards = [Middleware(RequestContext), Middleware(ApiKeyAuth, key=settings.api_key),
-              Middleware(BodyLimit, limit=settings.max_body_bytes)]
-    app = FastAPI(title="cogvlm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  middleware=guards)
+    guards = [
+        Middleware(RequestContext),
+        Middleware(ApiKeyAuth, key=settings.api_key),
+        Middleware(BodyLimit, limit=settings.max_body_bytes),
+    ]
+    app = FastAPI(title="cogvlm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, middleware=guards)
     _add_error_handlers(app, settings)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
@@ -121,33 +131,50 @@ def create_app(source: Pipeline | Callable[[], Pipeline], settings: ServeSetting
         _check_model(model_id, settings)
         return ModelCard(id=model_id, created=state.created)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={**errors, 200: {"content": {"text/event-stream": {}}}})
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**errors, 200: {"content": {"text/event-stream": {}}}},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         pipeline, engine = state.ready()
         _check_model(body.model, settings)
         conversation = to_conversation(body.messages)
         image = await fetch_image(conversation.image_url, settings.media) if conversation.image_url else None
         try:
-            sample = await asyncio.to_thread(pipeline.build, conversation.query, image,
-                                             conversation.history, body.template_version)
+            sample = await asyncio.to_thread(
+                pipeline.build, conversation.query, image, conversation.history, body.template_version
+            )
         except PromptError as e:  # this package's one-line messages
             raise APIError(400, str(e), param="messages") from None
-        config = generation_config(body, len(sample["input_ids"]), pipeline.context_length,
-                                   settings.default_max_tokens)
+        config = generation_config(body, len(sample["input_ids"]), pipeline.context_length, settings.default_max_tokens)
         request_id = request.state.request_id
         try:
             job = engine.submit(sample, config, request_id)
         except QueueFull:
-            raise APIError(429, "the server is busy: every slot and the queue are full; retry later",
-                           type="rate_limit_exceeded", code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        reply = Reply(f"chatcmpl-{request_id}", int(time.time()), body.model, job,
-                      image.size if image else None, settings.engine.timeout_s)
+            raise APIError(
+                429,
+                "the server is busy: every slot and the queue are full; retry later",
+                type="rate_limit_exceeded",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        reply = Reply(
+            f"chatcmpl-{request_id}",
+            int(time.time()),
+            body.model,
+            job,
+            image.size if image else None,
+            settings.engine.timeout_s,
+        )
         events = _events(job, engine, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(reply.stream(events, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                reply.stream(events, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await reply.complete(events) or Response(status_code=499)  # 499: the client left
 
     return app
@@ -155,8 +182,12 @@ def create_app(source: Pipeline | Callable[[], Pipeline], settings: ServeSetting
 
 def _check_model(name: str, settings: ServeSettings) -> None:
     if name not in settings.model_names:
-        raise APIError(404, f"The model '{name[:100]}' does not exist; this server has "
-                            f"{', '.join(settings.model_names)}", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{name[:100]}' does not exist; this server has {', '.join(settings.model_names)}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _events(job: Job, engine: Engine, request: Request) -> AsyncGenerator[Event, None]:
@@ -182,6 +213,7 @@ async def _events(job: Job, engine: Engine, request: Request) -> AsyncGenerator[
 
 # ---- guards and errors ---------------------------------------------------------------------
 
+
 class RequestContext:
     """Gives each request an id (X-Request-Id, and in the completion id), logs every 5xx with
     it, and answers an unexpected exception with a generic 500 envelope, never its text."""
@@ -202,8 +234,9 @@ class RequestContext:
                 started = True
                 MutableHeaders(scope=message).append("x-request-id", request_id)
                 if message["status"] >= 500:
-                    log.error("request %s: %s %s answered %d", request_id, scope["method"], scope["path"],
-                              message["status"])
+                    log.error(
+                        "request %s: %s %s answered %d", request_id, scope["method"], scope["path"], message["status"]
+                    )
             await send(message)
 
         try:
@@ -227,8 +260,12 @@ class ApiKeyAuth:
         if scope["type"] == "http" and self.key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-                error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                error = APIError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 return await _error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -121,8 +121,9 @@ class RunningBatch:
             self._relayout()
         self.mask[:, self.cur] = 1
         self.positions = self.positions + 1
-        logits = decode_one_token(self.model, self.last, self.positions, self.mask[:, :self.cur + 1],
-                                  self.cache, self.cur)
+        logits = decode_one_token(
+            self.model, self.last, self.positions, self.mask[:, : self.cur + 1], self.cache, self.cur
+        )
         self.cur += 1
         return logits
 
@@ -141,7 +142,7 @@ class RunningBatch:
         to the longest prompt (`row`'s, when it is longer), leave room to grow, append `row`."""
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if len(used) else self.cur
-        span = self.cur - start                          # columns the running rows still use
+        span = self.cur - start  # columns the running rows still use
         length = row[2] if row else 0
         cur = max(span, length)
         jobs = self.jobs + ([row[0]] if row else [])
@@ -149,17 +150,19 @@ class RunningBatch:
         capacity = cur + min(max(MIN_ROOM, cur // 2), remaining)
         n = len(self.jobs)
         fresh = KVCache(self.model, len(jobs), capacity)
-        mask = torch.zeros(len(jobs), capacity, dtype=torch.long, device=execution_device(self.model.model.embed_tokens))
+        mask = torch.zeros(
+            len(jobs), capacity, dtype=torch.long, device=execution_device(self.model.model.embed_tokens)
+        )
         if n:
-            mask[:n, cur - span:cur] = self.mask[:, start:self.cur]
+            mask[:n, cur - span : cur] = self.mask[:, start : self.cur]
             for (new_k, new_v), (old_k, old_v) in zip(fresh.layers, self.cache.layers):
-                new_k[:n, :, cur - span:cur] = old_k[:, :, start:self.cur]
-                new_v[:n, :, cur - span:cur] = old_v[:, :, start:self.cur]
+                new_k[:n, :, cur - span : cur] = old_k[:, :, start : self.cur]
+                new_v[:n, :, cur - span : cur] = old_v[:, :, start : self.cur]
         if row:
-            mask[n, cur - length:cur] = 1
+            mask[n, cur - length : cur] = 1
             for (new_k, new_v), (row_k, row_v) in zip(fresh.layers, row[1].layers):
-                new_k[n, :, cur - length:cur] = row_k[0, :, :length]
-                new_v[n, :, cur - length:cur] = row_v[0, :, :length]
+                new_k[n, :, cur - length : cur] = row_k[0, :, :length]
+                new_v[n, :, cur - length : cur] = row_v[0, :, :length]
         self.cache, self.mask, self.cur = fresh, mask, cur
 
 
@@ -196,8 +199,7 @@ class Engine:
     def submit(self, sample: dict[str, Any], config: GenerationConfig, request_id: str) -> Job:
         """Queue a built sample (call from the event loop); its events arrive on `job.events`.
         Raises QueueFull when the free batch slots and the waiting queue are all taken."""
-        job = Job(sample, config, request_id, time.monotonic() + self.settings.timeout_s,
-                  asyncio.get_running_loop())
+        job = Job(sample, config, request_id, time.monotonic() + self.settings.timeout_s, asyncio.get_running_loop())
         with self._wake:
             free = self.settings.max_batch - len(self._admitted)
             if self._closed or len(self._pending) >= free + self.settings.max_queue:
@@ -320,4 +322,3 @@ class Engine:
         keep = [i for i, job in enumerate(batch.jobs) if not (job.finished or job.cancelled)]
         if len(keep) < len(batch.jobs):
             batch.keep(keep)
-

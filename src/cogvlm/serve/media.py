@@ -39,7 +39,7 @@ class MediaPolicy:
     (for tests on loopback, or an intranet image host); it is not a command-line flag."""
 
     allow_remote: bool = False
-    max_bytes: int = 10 * 2 ** 20
+    max_bytes: int = 10 * 2**20
     max_pixels: int = MAX_PIXELS
     max_side: int = 16384
     timeout_s: float = 5.0
@@ -59,8 +59,11 @@ async def fetch_image(url: str, policy: MediaPolicy) -> Image.Image:
     elif scheme in ("http", "https") and policy.allow_remote:
         data = await download(url, policy)
     elif scheme in ("http", "https"):
-        raise _bad("remote image URLs are disabled on this server (it was started without "
-                   "--allow-remote-images); send the image as a data: URL", code="remote_images_disabled")
+        raise _bad(
+            "remote image URLs are disabled on this server (it was started without "
+            "--allow-remote-images); send the image as a data: URL",
+            code="remote_images_disabled",
+        )
     else:
         raise _bad("image_url must be a data: URL (or http(s) when the server allows remote images)")
     return await asyncio.to_thread(decode_image, data, policy)
@@ -68,7 +71,7 @@ async def fetch_image(url: str, policy: MediaPolicy) -> Image.Image:
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
     """The bytes of `data:image/...;base64,...` (RFC 2397, base64 only), size checked first."""
-    header, comma, payload = url[len("data:"):].partition(",")
+    header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
         raise _bad("the data URL has no comma before its data")
     media_type, *params = [p.strip().lower() for p in header.split(";")]
@@ -96,8 +99,10 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
     except Exception:  # PIL raises many types on bad headers; none is shown
         raise _bad("the image could not be decoded (corrupt or truncated data)") from None
     if width * height > policy.max_pixels or max(width, height) > policy.max_side:
-        raise _bad(f"the image is {width}x{height} pixels; the limit is {policy.max_pixels} pixels "
-                   f"and {policy.max_side} per side")
+        raise _bad(
+            f"the image is {width}x{height} pixels; the limit is {policy.max_pixels} pixels "
+            f"and {policy.max_side} per side"
+        )
     try:
         return load_image(data, max_pixels=policy.max_pixels)
     except ImageError:
@@ -112,8 +117,9 @@ def is_public(ip: IPAddress) -> bool:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(embedded)
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback
-                                 or ip.is_link_local or ip.is_unspecified or ip.is_private)
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_private
+    )
 
 
 async def resolve_allowed(host: str, port: int, policy: MediaPolicy) -> str:
@@ -145,8 +151,11 @@ async def _follow(url: str, policy: MediaPolicy) -> bytes:
             target = _parse(url)
             address = await resolve_allowed(target.host, target.port or _PORTS[target.scheme], policy)
             request = client.build_request(
-                "GET", target.copy_with(host=address), headers={"Host": target.netloc.decode("ascii")},
-                extensions={"sni_hostname": target.host} if target.scheme == "https" else {})
+                "GET",
+                target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
+            )
             response = await client.send(request, stream=True)
             try:
                 if not response.is_redirect:

@@ -28,9 +28,15 @@ class APIError(Exception):
     """An error for the client: an HTTP status and OpenAI's envelope. The message is written
     by this package, never taken from another exception."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers
@@ -40,6 +46,7 @@ class APIError(Exception):
 
 
 # ---- requests --------------------------------------------------------------------------------
+
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -88,12 +95,13 @@ class ChatCompletionRequest(_Schema):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     n: int | None = Field(None, ge=1, le=1)
     stop: Union[str, list[str], None] = Field(None, max_length=4)
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     template_version: Literal["base", "chat", "vqa"] | None = Field(
-        None, description="CogVLM prompt template (default: the model's)")
+        None, description="CogVLM prompt template (default: the model's)"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,9 @@ def to_conversation(messages: list[Message]) -> Conversation:
     so the same URL repeated counts once and two different images are refused."""
     roles = [m.role for m in messages]
     if roles[-1] != "user" or any(r == roles[i - 1] for i, r in enumerate(roles) if i):
-        raise APIError(400, "messages must alternate user and assistant turns and end with a user turn",
-                       param="messages")
+        raise APIError(
+            400, "messages must alternate user and assistant turns and end with a user turn", param="messages"
+        )
     texts, urls = [], []
     for i, message in enumerate(messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
@@ -123,30 +132,48 @@ def to_conversation(messages: list[Message]) -> Conversation:
         urls += [u for u in images if u not in urls]
         texts.append(" ".join(p.text for p in parts if isinstance(p, TextPart)))
     if len(urls) > 1:
-        raise APIError(400, f"{len(urls)} different images given; CogVLM takes one image per conversation",
-                       param="messages")
+        raise APIError(
+            400, f"{len(urls)} different images given; CogVLM takes one image per conversation", param="messages"
+        )
     history = list(zip(texts[:-1:2], texts[1:-1:2]))
     return Conversation(query=texts[-1], history=history, image_url=urls[0] if urls else None)
 
 
-def generation_config(request: ChatCompletionRequest, prompt_tokens: int, context: int,
-                      default_max_tokens: int | None) -> GenerationConfig:
+def generation_config(
+    request: ChatCompletionRequest, prompt_tokens: int, context: int, default_max_tokens: int | None
+) -> GenerationConfig:
     """Decoding settings of a request; temperature absent or 0 means greedy, as the official
     demo (temperature <= 1e-5); no max_tokens means up to the default, or the context's end.
     Raises APIError 400 when the answer cannot fit the context."""
     wanted = request.max_completion_tokens or request.max_tokens
     max_new = wanted or min(default_max_tokens or context, context - prompt_tokens)
     if max_new < 1 or prompt_tokens + max_new > context:
-        asked = f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, image included, " \
-                f"{wanted} in the completion)" if wanted else f"{prompt_tokens} tokens in the messages"
-        raise APIError(400, f"This model's maximum context length is {context} tokens. "
-                            f"However, you requested {asked}. Please reduce the length of the messages "
-                            "or completion.", param="messages", code="context_length_exceeded")
+        asked = (
+            f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, image included, "
+            f"{wanted} in the completion)"
+            if wanted
+            else f"{prompt_tokens} tokens in the messages"
+        )
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. "
+            f"However, you requested {asked}. Please reduce the length of the messages "
+            "or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     sampling = request.temperature is not None and request.temperature > 1e-5
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
-    settings = {"max_new_tokens": max_new, "do_sample": sampling, "seed": request.seed, "stop": tuple(stop),
-                "temperature": request.temperature if sampling else None, "top_p": request.top_p,
-                "top_k": request.top_k, "repetition_penalty": request.repetition_penalty}
+    settings = {
+        "max_new_tokens": max_new,
+        "do_sample": sampling,
+        "seed": request.seed,
+        "stop": tuple(stop),
+        "temperature": request.temperature if sampling else None,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "repetition_penalty": request.repetition_penalty,
+    }
     try:
         return GenerationConfig(**{k: v for k, v in settings.items() if v is not None})
     except SettingsError as e:  # our own one-line messages (ranges), safe to show
@@ -154,6 +181,7 @@ def generation_config(request: ChatCompletionRequest, prompt_tokens: int, contex
 
 
 # ---- responses -------------------------------------------------------------------------------
+
 
 def _optional(default: Any = None, description: str | None = None) -> Any:
     """A field left out of the JSON while it is None (extras and optional deltas)."""
@@ -269,8 +297,9 @@ class Reply:
 
     def usage(self) -> Usage:
         done = len(self.job.tokens)
-        return Usage(prompt_tokens=self.job.prompt_tokens, completion_tokens=done,
-                     total_tokens=self.job.prompt_tokens + done)
+        return Usage(
+            prompt_tokens=self.job.prompt_tokens, completion_tokens=done, total_tokens=self.job.prompt_tokens + done
+        )
 
     def boxes(self, text: str) -> list[Box] | None:
         size = self.image_size or (None, None)
@@ -278,8 +307,12 @@ class Reply:
 
     def error(self, event: Event) -> APIError:
         if event.error == "timeout":
-            return APIError(504, f"the answer took longer than this server's limit of {self.timeout_s:g} s",
-                            type="server_error", code="timeout")
+            return APIError(
+                504,
+                f"the answer took longer than this server's limit of {self.timeout_s:g} s",
+                type="server_error",
+                code="timeout",
+            )
         if event.error == "shutdown":
             return APIError(503, "the server is shutting down", type="server_error", code="shutdown")
         return APIError(500, "internal error while generating the answer", type="server_error")
@@ -293,15 +326,24 @@ class Reply:
                     text += event.text
                 elif event.kind == "done":
                     message = AssistantMessage(content=text, boxes=self.boxes(text))
-                    return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=self.usage(),
-                                          choices=[Choice(message=message, finish_reason=event.finish_reason)])
+                    return ChatCompletion(
+                        id=self.id,
+                        created=self.created,
+                        model=self.model,
+                        usage=self.usage(),
+                        choices=[Choice(message=message, finish_reason=event.finish_reason)],
+                    )
                 elif event.kind == "error":
                     raise self.error(event)
         return None
 
     def chunk(self, delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+        )
 
     async def stream(self, events: AsyncGenerator[Event, None], include_usage: bool) -> AsyncIterator[str]:
         """SSE: a role chunk, text chunks, a last chunk with finish_reason (and boxes), the usage
@@ -316,8 +358,11 @@ class Reply:
                 elif event.kind == "done":
                     yield sse(self.chunk(Delta(boxes=self.boxes(text)), event.finish_reason))
                     if include_usage:
-                        yield sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                                      choices=[], usage=self.usage()))
+                        yield sse(
+                            ChatCompletionChunk(
+                                id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage()
+                            )
+                        )
                 elif event.kind == "error":
                     error = self.error(event)
                     log.error("request %s: %s", self.job.request_id, error.message)

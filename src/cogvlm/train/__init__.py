@@ -9,5 +9,14 @@ from .config import TrainConfig, TrainError, load_config
 from .loop import EvalContext, Evaluator, ShuffledImagesDiagnostic, run
 from .modes import copy_language_to_vision, merge_lora
 
-__all__ = ["run", "merge_lora", "copy_language_to_vision", "TrainConfig",
-           "TrainError", "load_config", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic"]
+__all__ = [
+    "run",
+    "merge_lora",
+    "copy_language_to_vision",
+    "TrainConfig",
+    "TrainError",
+    "load_config",
+    "EvalContext",
+    "Evaluator",
+    "ShuffledImagesDiagnostic",
+]

@@ -70,8 +70,15 @@ def register_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
 
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int,
-                    state: dict[str, Any], keep_last: int, shard_size: str = "5GB") -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: nn.Module,
+    output_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    shard_size: str = "5GB",
+) -> Path:
     """Write step-N atomically (all processes call this), then keep only the last `keep_last`."""
     root = checkpoints_root(output_dir)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -105,5 +112,12 @@ def load_checkpoint(accelerator: Accelerator, model: nn.Module, path: Path) -> d
     return json.loads((path / STATE_FILE).read_text())
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
-           "resolve_resume", "register_hooks", "STATE_FILE"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "complete_checkpoints",
+    "resolve_resume",
+    "register_hooks",
+    "STATE_FILE",
+]

@@ -83,8 +83,13 @@ MODES = ("from_scratch", "expert", "lora")
 OBJECTIVES = ("lm", "patches")
 PATCH_FEATURES = ("vit", "image_tokens")  # what the patches objective's head reads
 MIXED_PRECISION = ("no", "bf16", "fp16")
-DEFAULT_LORA_TARGETS = ("vision_expert_query_key_value", "vision_expert_dense",
-                        "vision_mlp.gate_proj", "vision_mlp.up_proj", "vision_mlp.down_proj")
+DEFAULT_LORA_TARGETS = (
+    "vision_expert_query_key_value",
+    "vision_expert_dense",
+    "vision_mlp.gate_proj",
+    "vision_mlp.up_proj",
+    "vision_mlp.down_proj",
+)
 
 
 class TrainError(CogVLMError):
@@ -183,14 +188,18 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.patch_features not in PATCH_FEATURES:
         problems.append(f"patch_features '{cfg.patch_features}' (use {' or '.join(PATCH_FEATURES)})")
     if not isinstance(cfg.rescale, dict) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in cfg.rescale.values()):
+        isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in cfg.rescale.values()
+    ):
         problems.append(f"rescale {cfg.rescale!r} (use a mapping of parameter pattern to a positive factor)")
-    if cfg.image_size is not None and (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int)
-                                       or cfg.image_size <= 0):
+    if cfg.image_size is not None and (
+        isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size <= 0
+    ):
         problems.append(f"image_size {cfg.image_size!r} (use a positive number of pixels)")
     if cfg.image_size is not None and cfg.mode == "lora":
-        problems.append("image_size with mode lora (LoRA merges onto the base as stored: resize it in "
-                        "a from_scratch or expert stage first)")
+        problems.append(
+            "image_size with mode lora (LoRA merges onto the base as stored: resize it in "
+            "a from_scratch or expert stage first)"
+        )
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

@@ -93,8 +93,9 @@ def parse_turns(messages: Any, user: str = "user", assistant: str = "assistant")
     return list(zip(texts[::2], texts[1::2]))
 
 
-def split_conversation(image: ImageInput | None, turns: Sequence[tuple[str, str]], template: str,
-                       origin: str) -> list[Conversation]:
+def split_conversation(
+    image: ImageInput | None, turns: Sequence[tuple[str, str]], template: str, origin: str
+) -> list[Conversation]:
     """One Conversation, or one per turn for the base template (which drops history)."""
     if template not in TEMPLATES:
         raise RecordError(f"unknown template_version {template!r} (use {', '.join(TEMPLATES)})")
@@ -193,9 +194,17 @@ class SyntheticSource:
     records equal those `iter_samples(seed, ...)` / `write_dataset` give for the same options.
     """
 
-    def __init__(self, seed: int, size: int, tasks: Sequence[str] | None = None, easy: bool = False,
-                 per_scene: int = 3, turns: int = 1, template_version: str | None = None,
-                 min_shapes: int = 1) -> None:
+    def __init__(
+        self,
+        seed: int,
+        size: int,
+        tasks: Sequence[str] | None = None,
+        easy: bool = False,
+        per_scene: int = 3,
+        turns: int = 1,
+        template_version: str | None = None,
+        min_shapes: int = 1,
+    ) -> None:
         if not 1 <= min_shapes <= synthetic.MAX_SHAPES:
             raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {synthetic.MAX_SHAPES})")
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
@@ -208,8 +217,7 @@ class SyntheticSource:
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
             scene = synthetic.make_scene(rng, self.size, min_shapes=self.min_shapes, easy=self.easy)
-            records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene,
-                                             self.turns)
+            records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns)
             self._last = (k, scene.render(), records)
         return self._last[1], self._last[2]
 
@@ -234,9 +242,12 @@ def build_source(spec: dict, config: CogVLMConfig, seed: int, heldout: bool = Fa
     try:
         if kind == "synthetic":
             offset = HELDOUT_SEED_OFFSET if heldout else 0
-            return SyntheticSource(int(spec.pop("seed", seed)) + offset,
-                                   spec.pop("size", None) or config.vision_config.image_size,
-                                   template_version=template, **spec)
+            return SyntheticSource(
+                int(spec.pop("seed", seed)) + offset,
+                spec.pop("size", None) or config.vision_config.image_size,
+                template_version=template,
+                **spec,
+            )
         if kind in ("jsonl", "sft311k"):
             path = spec.pop("path")
             if spec:
@@ -251,8 +262,9 @@ def build_source(spec: dict, config: CogVLMConfig, seed: int, heldout: bool = Fa
 
 
 # ----------------------------------------------------------------------------- examples
-def _history_spans(tokenizer: Any, turns: Sequence[tuple[str, str]], template: str,
-                   text_ids: list[int]) -> list[tuple[int, int]]:
+def _history_spans(
+    tokenizer: Any, turns: Sequence[tuple[str, str]], template: str, text_ids: list[int]
+) -> list[tuple[int, int]]:
     """Token spans, within the prompt text, of each earlier answer as the template wrote it.
 
     A span is used only where the tokenisation of the text before and through the answer is a
@@ -263,7 +275,7 @@ def _history_spans(tokenizer: Any, turns: Sequence[tuple[str, str]], template: s
     for k, (question, answer) in enumerate(turns[:-1]):
         prompt = format_prompt(question, turns[:k], template)  # ends with the answer tag
         before, through = tokenizer.encode(prompt), tokenizer.encode(f"{prompt} {answer}")
-        if text_ids[:len(before)] == before and text_ids[:len(through)] == through:
+        if text_ids[: len(before)] == before and text_ids[: len(through)] == through:
             spans.append((len(before), len(through)))
     return spans
 
@@ -272,8 +284,13 @@ def build_example(conv: Conversation, tokenizer: Any, config: CogVLMConfig, max_
     """input_ids, token_type_ids, attention_mask, labels (T,) and images for one conversation."""
     *history, (query, answer) = conv.turns
     prompt = build_conversation_input_ids(
-        tokenizer, config, query=query, history=history,
-        images=None if conv.image is None else [conv.image], template_version=conv.template_version)
+        tokenizer,
+        config,
+        query=query,
+        history=history,
+        images=None if conv.image is None else [conv.image],
+        template_version=conv.template_version,
+    )
     target = list(tokenizer.encode(answer)) + [tokenizer.eos_token_id]
     n_prompt = len(prompt["input_ids"])
     if n_prompt + len(target) > max_length:
@@ -283,7 +300,7 @@ def build_example(conv: Conversation, tokenizer: Any, config: CogVLMConfig, max_
     text_ids = tokenizer.encode(format_prompt(query, history, conv.template_version))
     text_start = n_prompt - len(text_ids)
     for start, end in _history_spans(tokenizer, conv.turns, conv.template_version, text_ids):
-        labels[text_start + start:text_start + end] = prompt["input_ids"][text_start + start:text_start + end]
+        labels[text_start + start : text_start + end] = prompt["input_ids"][text_start + start : text_start + end]
     extra = torch.tensor(target)
     return {
         "input_ids": torch.cat((prompt["input_ids"], extra)),
@@ -306,8 +323,15 @@ class TrainDataset(Dataset):
 
     MAX_SKIPS = 1000
 
-    def __init__(self, sources: Sequence[Any], weights: Sequence[float], tokenizer: Any,
-                 config: CogVLMConfig, max_length: int, seed: int) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        weights: Sequence[float],
+        tokenizer: Any,
+        config: CogVLMConfig,
+        max_length: int,
+        seed: int,
+    ) -> None:
         self.sources, self.weights = list(sources), list(weights)
         self.tokenizer, self.config, self.max_length, self.seed = tokenizer, config, max_length, seed
 
@@ -324,8 +348,9 @@ class TrainDataset(Dataset):
         raise TrainError(f"no usable example among indices {index}..{index + self.MAX_SKIPS - 1}")
 
 
-def build_dataset(specs: Sequence[dict], tokenizer: Any, config: CogVLMConfig, max_length: int,
-                  seed: int, heldout: bool = False) -> TrainDataset:
+def build_dataset(
+    specs: Sequence[dict], tokenizer: Any, config: CogVLMConfig, max_length: int, seed: int, heldout: bool = False
+) -> TrainDataset:
     """The dataset of a config's `data` (or `eval_data`) list."""
     sources = [build_source(spec, config, seed, heldout) for spec in specs]
     weights = [float(spec.get("weight", 1.0)) for spec in specs]
@@ -339,8 +364,9 @@ def collate(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, 
     length = max(len(e["input_ids"]) for e in examples)
 
     def pad(key: str, value: int) -> torch.Tensor:
-        return torch.stack([torch.cat((e[key], torch.full((length - len(e[key]),), value, dtype=torch.long)))
-                            for e in examples])
+        return torch.stack(
+            [torch.cat((e[key], torch.full((length - len(e[key]),), value, dtype=torch.long))) for e in examples]
+        )
 
     return {
         "input_ids": pad("input_ids", pad_token_id),
@@ -369,6 +395,20 @@ class MicroBatchSampler(Sampler):
             step += 1
 
 
-__all__ = ["Conversation", "RecordError", "read_jsonl", "read_sft311k", "FiniteSource", "SyntheticSource",
-           "build_source", "build_example", "pick_source", "TrainDataset", "build_dataset", "collate",
-           "MicroBatchSampler", "IGNORE_INDEX", "HELDOUT_SEED_OFFSET"]
+__all__ = [
+    "Conversation",
+    "RecordError",
+    "read_jsonl",
+    "read_sft311k",
+    "FiniteSource",
+    "SyntheticSource",
+    "build_source",
+    "build_example",
+    "pick_source",
+    "TrainDataset",
+    "build_dataset",
+    "collate",
+    "MicroBatchSampler",
+    "IGNORE_INDEX",
+    "HELDOUT_SEED_OFFSET",
+]

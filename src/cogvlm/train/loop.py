@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -35,12 +34,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import CogVLMConfig
-from ..errors import CogVLMError
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, register_hooks, resolve_resume, save_checkpoint
 from .config import TrainConfig, TrainError, load_config, save_config
 from .data import IGNORE_INDEX, MicroBatchSampler, build_dataset, collate
-from .modes import build_model, merge_lora, param_groups
+from .modes import build_model, param_groups
 from .patches import PatchDataset, PatchProbe, patch_loss_sum, patch_model
 
 logger = logging.getLogger("cogvlm.train")
@@ -74,8 +72,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     """The autocast mode to use: the requested one where the device supports it, else 'no'."""
-    unsupported = ((requested == "fp16" and device.type == "cpu")
-                   or (requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()))
+    unsupported = (requested == "fp16" and device.type == "cpu") or (
+        requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
     if unsupported:
         logger.warning("mixed_precision %s is not supported on %s: training in float32", requested, device)
         return "no"
@@ -89,10 +88,15 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled tokens of a batch (fp32 scalar)."""
-    out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                attention_mask=batch["attention_mask"], images=batch["images"])
-    return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    out = model(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        attention_mask=batch["attention_mask"],
+        images=batch["images"],
+    )
+    return F.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,20 +110,29 @@ class Objective:
 
 
 OBJECTIVES = {
-    "lm": Objective(loss_sum, lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
-                    lambda b: int(b["attention_mask"].sum())),
+    "lm": Objective(
+        loss_sum, lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()), lambda b: int(b["attention_mask"].sum())
+    ),
     "patches": Objective(patch_loss_sum, lambda b: b["kind"].numel(), lambda b: b["kind"].numel()),
 }
 
 
-def train_step(accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
-               micro_batches: Sequence[dict[str, Any]], max_grad_norm: float,
-               objective: Objective = OBJECTIVES["lm"]) -> dict[str, float]:
+def train_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    micro_batches: Sequence[dict[str, Any]],
+    max_grad_norm: float,
+    objective: Objective = OBJECTIVES["lm"],
+) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns step-wide loss and counts."""
     device = accelerator.device
     micro_batches = [_to_device(b, device) for b in micro_batches]
-    local = torch.tensor([sum(objective.targets(b) for b in micro_batches),
-                          sum(objective.tokens(b) for b in micro_batches)], device=device)
+    local = torch.tensor(
+        [sum(objective.targets(b) for b in micro_batches), sum(objective.tokens(b) for b in micro_batches)],
+        device=device,
+    )
     targets, tokens = accelerator.reduce(local, "sum").tolist()
     # DDP averages over processes and accelerator.backward divides by grad_accum: undo both.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(targets, 1)
@@ -137,8 +150,7 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: Any, sched
             optimizer.zero_grad()
     if not optimizer.step_was_skipped:  # fp16: a step the grad scaler skipped does not count
         scheduler.step()
-    out = {"loss": float(accelerator.reduce(total, "sum")) / max(targets, 1), "lr_scale": lr_scale,
-           "tokens": tokens}
+    out = {"loss": float(accelerator.reduce(total, "sum")) / max(targets, 1), "lr_scale": lr_scale, "tokens": tokens}
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
     return out
@@ -252,8 +264,7 @@ def plot_metrics(metrics: Path, out: Path, size: tuple[int, int] = (800, 480)) -
 
 
 # ----------------------------------------------------------------------------- run
-def run(config: dict | str | Path, overrides: dict | None = None,
-        evaluators: Sequence[Evaluator] = ()) -> Path:
+def run(config: dict | str | Path, overrides: dict | None = None, evaluators: Sequence[Evaluator] = ()) -> Path:
     """Train as `config` (+ `overrides`) says; returns the final checkpoint folder.
 
     `evaluators` run every `eval_every` steps after the built-in image-shuffle diagnostic; their
@@ -265,8 +276,9 @@ def run(config: dict | str | Path, overrides: dict | None = None,
     cpu = cfg.cpu or not torch.accelerator.is_available()
     mixed = resolve_mixed_precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum,
-                              kwargs_handlers=[ddp])
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp]
+    )
     try:
         return _train(cfg, accelerator, evaluators)
     finally:  # let a later run in this process choose another mixed precision
@@ -296,8 +308,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     output_dir, main = Path(cfg.output_dir), accelerator.is_main_process
     resume_from = resolve_resume(cfg.resume, output_dir)
     if resume_from is None and latest_checkpoint(output_dir) is not None:
-        raise TrainError(f"{output_dir} holds checkpoints of an earlier run: resume it (--resume true) "
-                         "or choose another output_dir")
+        raise TrainError(
+            f"{output_dir} holds checkpoints of an earlier run: resume it (--resume true) or choose another output_dir"
+        )
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "train_config.yaml")
@@ -314,7 +327,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
         collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
+        optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: once per optimizer step
     register_hooks(accelerator)
@@ -323,8 +337,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
         held_out = PatchDataset(cfg.eval_data or cfg.data, model_config, cfg.seed, heldout=cfg.eval_data is None)
         evaluators = [PatchProbe(collate_fn([held_out[i] for i in range(cfg.eval_batch_size)]))]
     elif cfg.eval_every:
-        held_out = build_dataset(cfg.eval_data or cfg.data, tokenizer, model_config, cfg.max_length,
-                                 cfg.seed, heldout=cfg.eval_data is None)
+        held_out = build_dataset(
+            cfg.eval_data or cfg.data, tokenizer, model_config, cfg.max_length, cfg.seed, heldout=cfg.eval_data is None
+        )
         eval_batch = collate_fn([held_out[i] for i in range(cfg.eval_batch_size)])
         evaluators = [ShuffledImagesDiagnostic(eval_batch), *evaluators]
     state = {"step": 0, "micro_step": 0, "elapsed": 0.0}
@@ -335,36 +350,57 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     final = resume_from if resume_from is not None and step >= cfg.max_steps else None
 
     sampler = MicroBatchSampler(micro_step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=collate_fn,
-                        generator=torch.Generator())  # leaves the global RNG alone: exact resume
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn, generator=torch.Generator()
+    )  # leaves the global RNG alone: exact resume
     log = MetricsLog(output_dir / "metrics.jsonl", step if resume_from is not None else None, enabled=main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     batches = iter(loader)
     while step < cfg.max_steps:
         tick = time.perf_counter()
-        result = train_step(accelerator, model, optimizer, scheduler,
-                            [next(batches) for _ in range(cfg.grad_accum)], cfg.max_grad_norm,
-                            OBJECTIVES[cfg.objective])
+        result = train_step(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            [next(batches) for _ in range(cfg.grad_accum)],
+            cfg.max_grad_norm,
+            OBJECTIVES[cfg.objective],
+        )
         step, micro_step = step + 1, micro_step + cfg.grad_accum
         elapsed = state["elapsed"] + time.perf_counter() - started
-        record = {"step": step, "loss": result["loss"], "lr": cfg.lr * result["lr_scale"],
-                  "tokens_per_s": result["tokens"] / max(time.perf_counter() - tick, 1e-9), "elapsed": elapsed}
+        record = {
+            "step": step,
+            "loss": result["loss"],
+            "lr": cfg.lr * result["lr_scale"],
+            "tokens_per_s": result["tokens"] / max(time.perf_counter() - tick, 1e-9),
+            "elapsed": elapsed,
+        }
         if "grad_norm" in result:
             record["grad_norm"] = result["grad_norm"]
         evaluated = bool(evaluators) and cfg.eval_every > 0 and step % cfg.eval_every == 0
         if evaluated:
-            record.update(evaluate(evaluators, EvalContext(model, accelerator.unwrap_model(model), accelerator,
-                                                           tokenizer, model_config, step)))
+            record.update(
+                evaluate(
+                    evaluators,
+                    EvalContext(model, accelerator.unwrap_model(model), accelerator, tokenizer, model_config, step),
+                )
+            )
         if evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:
             log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            final = save_checkpoint(accelerator, model, output_dir, step,
-                                    {"micro_step": micro_step, "elapsed": elapsed, "mode": cfg.mode},
-                                    cfg.keep_last, cfg.save_shard_size)
+            final = save_checkpoint(
+                accelerator,
+                model,
+                output_dir,
+                step,
+                {"micro_step": micro_step, "elapsed": elapsed, "mode": cfg.mode},
+                cfg.keep_last,
+                cfg.save_shard_size,
+            )
     bar.close()
     del batches  # stops DataLoader workers
     if main:
@@ -374,5 +410,16 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
     return final
 
 
-__all__ = ["run", "EvalContext", "Evaluator", "ShuffledImagesDiagnostic", "Objective",
-           "OBJECTIVES", "lr_factor", "train_step", "loss_sum", "MetricsLog", "plot_metrics"]
+__all__ = [
+    "run",
+    "EvalContext",
+    "Evaluator",
+    "ShuffledImagesDiagnostic",
+    "Objective",
+    "OBJECTIVES",
+    "lr_factor",
+    "train_step",
+    "loss_sum",
+    "MetricsLog",
+    "plot_metrics",
+]

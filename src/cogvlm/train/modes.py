@@ -31,8 +31,14 @@ from .config import TrainConfig, TrainError
 
 #: The model's parameters in four disjoint parts, as glob patterns over official names.
 PARTS: dict[str, tuple[str, ...]] = {
-    "language": ("model.embed_tokens.*", "model.layers.*.language_expert_*", "model.layers.*.language_mlp.*",
-                 "model.layers.*layernorm.*", "model.norm.*", "lm_head.*"),
+    "language": (
+        "model.embed_tokens.*",
+        "model.layers.*.language_expert_*",
+        "model.layers.*.language_mlp.*",
+        "model.layers.*layernorm.*",
+        "model.norm.*",
+        "lm_head.*",
+    ),
     "vision_experts": ("model.layers.*.vision_expert_*", "model.layers.*.vision_mlp.*"),
     "adapter": ("model.vision.linear_proj.*", "model.vision.boi", "model.vision.eoi"),
     "vit": ("model.vision.patch_embedding.*", "model.vision.transformer.*"),
@@ -95,8 +101,9 @@ def add_lora(model: CogVLMForCausalLM, cfg: TrainConfig, base_path: Path | None)
     """Wrap in a peft LoRA model (works on any nn.Module; ours has no transformers config)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets))
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)
+    )
     try:
         wrapped = get_peft_model(model, lora)
     except ValueError as e:  # peft names the targets it could not find
@@ -196,12 +203,13 @@ def resize_images(model: CogVLMForCausalLM, image_size: int) -> CogVLMForCausalL
     if image_size % vision.patch_size:
         raise TrainError(f"image_size {image_size} is not a multiple of the patch size {vision.patch_size}")
     old, new = vision.image_size // vision.patch_size, image_size // vision.patch_size
-    config = model.config.replace(vision_config=dataclasses.replace(
-        vision, image_size=image_size, num_positions=new * new + 1))
+    config = model.config.replace(
+        vision_config=dataclasses.replace(vision, image_size=image_size, num_positions=new * new + 1)
+    )
     state = model.state_dict()
     key = "model.vision.patch_embedding.position_embedding.weight"
-    pos = state[key]                                                # (1 + old*old, Dv)
-    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)     # (1, Dv, old, old)
+    pos = state[key]  # (1 + old*old, Dv)
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, Dv, old, old)
     grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
     state[key] = torch.cat((pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)))
     with torch.device("meta"):
@@ -257,6 +265,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
-__all__ = ["PARTS", "copy_language_to_vision", "apply_mode", "merge_lora", "matches",
-           "official_name", "save_weights", "load_weights", "trainable_parameters", "set_trainable",
-           "model_config_from", "build_model", "param_groups"]
+__all__ = [
+    "PARTS",
+    "copy_language_to_vision",
+    "apply_mode",
+    "merge_lora",
+    "matches",
+    "official_name",
+    "save_weights",
+    "load_weights",
+    "trainable_parameters",
+    "set_trainable",
+    "model_config_from",
+    "build_model",
+    "param_groups",
+]

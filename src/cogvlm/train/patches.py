@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from .. import synthetic
 from ..config import CogVLMConfig
-from ..image import preprocess
 from ..dropin import CogVLMForCausalLM
+from ..image import preprocess
 from .config import TrainError
 from .data import HELDOUT_SEED_OFFSET, pick_source
 from .modes import set_trainable
@@ -59,7 +59,7 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> dict[str, torch.Tensor]:
     colors = list(synthetic.COLORS)
     for r in range(grid):
         for c in range(grid):
-            block = owner[rows[r]:rows[r + 1], cols[c]:cols[c + 1]]
+            block = owner[rows[r] : rows[r + 1], cols[c] : cols[c + 1]]
             counts = np.bincount(block.ravel(), minlength=len(scene.shapes) + 1)
             counts[0] = 0
             best = int(counts.argmax())
@@ -69,7 +69,8 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> dict[str, torch.Tensor]:
             kind[j] = 1 + synthetic.KINDS.index(shape.kind)
             color[j] = colors.index(shape.color)
             box[j] = torch.tensor(shape.box, dtype=torch.float32) / torch.tensor(
-                [scene.width, scene.height, scene.width, scene.height])
+                [scene.width, scene.height, scene.width, scene.height]
+            )
     return {"kind": kind, "color": color, "box": box}
 
 
@@ -91,15 +92,19 @@ class PatchDataset(Dataset):
     def _source(spec: dict, config: CogVLMConfig, heldout: bool) -> tuple[int, int, bool]:
         spec = dict(spec)
         if spec.pop("type", None) != "synthetic":
-            raise TrainError("objective patches: every data source must be {type: synthetic, ...} "
-                             "(the targets come from the scene generator)")
+            raise TrainError(
+                "objective patches: every data source must be {type: synthetic, ...} "
+                "(the targets come from the scene generator)"
+            )
         spec.pop("weight", None)
         seed = int(spec.pop("seed", 0)) + (HELDOUT_SEED_OFFSET if heldout else 0)
         size = spec.pop("size", None) or config.vision_config.image_size
         easy = bool(spec.pop("easy", False))
         if spec:
-            raise TrainError(f"objective patches: synthetic source option(s) {', '.join(sorted(spec))} "
-                             "do not apply (use seed, size, easy, weight)")
+            raise TrainError(
+                f"objective patches: synthetic source option(s) {', '.join(sorted(spec))} "
+                "do not apply (use seed, size, easy, weight)"
+            )
         return seed, int(size), easy
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -118,7 +123,7 @@ class PatchHead(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (N, P, Dv) -> kind (N, P, 1 + K), colour (N, P, C), box (N, P, 4)."""
         out = self.proj(features).float()
-        return out[..., :N_KINDS], out[..., N_KINDS:N_KINDS + N_COLORS], out[..., N_KINDS + N_COLORS:].sigmoid()
+        return out[..., :N_KINDS], out[..., N_KINDS : N_KINDS + N_COLORS], out[..., N_KINDS + N_COLORS :].sigmoid()
 
 
 class PatchPretraining(nn.Module):
@@ -194,6 +199,14 @@ class PatchProbe:
         }
 
 
-__all__ = ["patch_targets", "PatchDataset", "PatchHead", "PatchPretraining", "patch_model", "patch_loss_sum",
-           "PatchProbe",
-           "HEAD_FILE", "TRAINED_PARTS"]
+__all__ = [
+    "patch_targets",
+    "PatchDataset",
+    "PatchHead",
+    "PatchPretraining",
+    "patch_model",
+    "patch_loss_sum",
+    "PatchProbe",
+    "HEAD_FILE",
+    "TRAINED_PARTS",
+]

@@ -30,13 +30,15 @@ def _scorers() -> SimpleNamespace:
     except ImportError:
         raise CogVLMError("captioning metrics need pycocoevalcap: pip install cogvlm[eval]") from None
     if shutil.which("java") is None:
-        raise CogVLMError("captioning metrics need Java for the PTB tokenizer and METEOR "
-                          "(e.g. apt-get install default-jre-headless)")
+        raise CogVLMError(
+            "captioning metrics need Java for the PTB tokenizer and METEOR (e.g. apt-get install default-jre-headless)"
+        )
     return SimpleNamespace(Bleu=Bleu, Cider=Cider, Meteor=Meteor, Rouge=Rouge, PTBTokenizer=PTBTokenizer)
 
 
-def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
-                   meteor: bool = True) -> dict[str, float]:
+def caption_scores(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], meteor: bool = True
+) -> dict[str, float]:
     """Corpus scores {"BLEU-4", "ROUGE-L", "CIDEr", "METEOR"} of one caption per image id.
 
     `references` fixes the images scored; every one needs a prediction and at least one

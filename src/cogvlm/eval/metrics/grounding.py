@@ -25,6 +25,7 @@ def xywh_to_xyxy(box: Sequence[float]) -> Corners:
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two corner boxes; 0 when either is empty or inverted."""
+
     def area(box: Sequence[float]) -> float:
         return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -45,15 +46,15 @@ def first_box(text: str, width: float, height: float) -> Corners | None:
     return to_pixels(boxes[0].box, width, height) if boxes else None
 
 
-def grounding_hit(text: str, target: Sequence[float], width: float, height: float,
-                  threshold: float = IOU_THRESHOLD) -> float:
+def grounding_hit(
+    text: str, target: Sequence[float], width: float, height: float, threshold: float = IOU_THRESHOLD
+) -> float:
     """1.0 when the answer's first box has IoU >= `threshold` with `target` (pixel corners)."""
     box = first_box(text, width, height)
     return float(box is not None and box_iou(box, target) >= threshold)
 
 
-def pointing_choice(text: str, candidates: Sequence[Sequence[float]], width: float,
-                    height: float) -> int | None:
+def pointing_choice(text: str, candidates: Sequence[Sequence[float]], width: float, height: float) -> int | None:
     """Index of the candidate box (pixel corners) that overlaps the answer's first box most;
     None when the answer has no box or it overlaps none (the first candidate wins ties)."""
     box = first_box(text, width, height)

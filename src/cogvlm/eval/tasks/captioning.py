@@ -29,9 +29,12 @@ def _karpathy(filename: str, default_folder: str) -> Loader:
             for image in read_json(path)["images"]:
                 if image["split"] != split:
                     continue
-                yield Item(id=str(image.get("cocoid", image["imgid"])),
-                           image=data / image.get("filepath", default_folder) / image["filename"],
-                           query=CAPTION_PROMPT, target=[s["raw"] for s in image["sentences"]])
+                yield Item(
+                    id=str(image.get("cocoid", image["imgid"])),
+                    image=data / image.get("filepath", default_folder) / image["filename"],
+                    query=CAPTION_PROMPT,
+                    target=[s["raw"] for s in image["sentences"]],
+                )
 
     return load
 
@@ -45,8 +48,13 @@ def load_nocaps(data: Path, split: str) -> Iterator[Item]:
         for ann in content["annotations"]:
             references[ann["image_id"]].append(ann["caption"])
         for image in content["images"]:
-            yield Item(id=str(image["id"]), image=data / "images" / image["file_name"], query=CAPTION_PROMPT,
-                       target=references[image["id"]], kind=image.get("domain", ""))
+            yield Item(
+                id=str(image["id"]),
+                image=data / "images" / image["file_name"],
+                query=CAPTION_PROMPT,
+                target=references[image["id"]],
+                kind=image.get("domain", ""),
+            )
 
 
 def load_textcaps(data: Path, split: str) -> Iterator[Item]:
@@ -61,36 +69,54 @@ def load_textcaps(data: Path, split: str) -> Iterator[Item]:
             elif entry["caption_str"] not in refs:
                 refs.append(entry["caption_str"])
         for image_id, refs in references.items():
-            yield Item(id=str(image_id), image=data / "train_images" / f"{image_id}.jpg",
-                       query=CAPTION_PROMPT, target=refs)
+            yield Item(
+                id=str(image_id), image=data / "train_images" / f"{image_id}.jpg", query=CAPTION_PROMPT, target=refs
+            )
 
 
-def corpus_scores(items: Sequence[Item],
-                  captions: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+def corpus_scores(items: Sequence[Item], captions: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
     """(BLEU-4, ROUGE-L, CIDEr, METEOR over all images; CIDEr of each domain where items have one)."""
     predictions = {i.id: c for i, c in zip(items, captions)}
     references = {i.id: list(i.target) for i in items}
     per_domain = {}
     for domain in sorted({i.kind for i in items if i.kind}):
         ids = [i.id for i in items if i.kind == domain]
-        per_domain[domain] = caption_scores({k: predictions[k] for k in ids}, {k: references[k] for k in ids},
-                                            meteor=False)["CIDEr"]
+        per_domain[domain] = caption_scores(
+            {k: predictions[k] for k in ids}, {k: references[k] for k in ids}, meteor=False
+        )["CIDEr"]
     return caption_scores(predictions, references), per_domain
 
 
-def _task(name: str, splits: tuple[str, ...], load: Loader, files: str,
-          paper: tuple[Paper, ...] = ()) -> Task:
-    return Task(name=name, splits=splits, metric="CIDEr", template="base", prompt=CAPTION_PROMPT,
-                max_new_tokens=64, load=load, clean=clean_caption, corpus=corpus_scores, paper=paper,
-                files=files)
+def _task(name: str, splits: tuple[str, ...], load: Loader, files: str, paper: tuple[Paper, ...] = ()) -> Task:
+    return Task(
+        name=name,
+        splits=splits,
+        metric="CIDEr",
+        template="base",
+        prompt=CAPTION_PROMPT,
+        max_new_tokens=64,
+        load=load,
+        clean=clean_caption,
+        corpus=corpus_scores,
+        paper=paper,
+        files=files,
+    )
 
 
 TASKS = (
-    _task("coco-caption", ("test", "val"), _karpathy("dataset_coco.json", "val2014"),
-          "dataset_coco.json (Karpathy), {filepath}/{filename} images (val2014/)",
-          paper=(Paper("test", 148.7, "fine-tuned checkpoint"),)),
+    _task(
+        "coco-caption",
+        ("test", "val"),
+        _karpathy("dataset_coco.json", "val2014"),
+        "dataset_coco.json (Karpathy), {filepath}/{filename} images (val2014/)",
+        paper=(Paper("test", 148.7, "fine-tuned checkpoint"),),
+    ),
     _task("nocaps", ("val",), load_nocaps, "nocaps_val_4500_captions.json, images/{file_name}"),
-    _task("flickr30k", ("test", "val"), _karpathy("dataset_flickr30k.json", "flickr30k-images"),
-          "dataset_flickr30k.json (Karpathy), flickr30k-images/{filename}"),
+    _task(
+        "flickr30k",
+        ("test", "val"),
+        _karpathy("dataset_flickr30k.json", "flickr30k-images"),
+        "dataset_flickr30k.json (Karpathy), flickr30k-images/{filename}",
+    ),
     _task("textcaps", ("val",), load_textcaps, "TextCaps_0.1_val.json, train_images/{image_id}.jpg"),
 )

@@ -19,8 +19,13 @@ def load_gqa(data: Path, split: str) -> Iterator[Item]:
     path = data / f"{split}_questions.json"
     with layout(path):
         for qid, q in read_json(path).items():
-            yield Item(id=str(qid), image=data / "images" / f"{q['imageId']}.jpg", query=q["question"],
-                       target=q.get("answer"), kind=q.get("types", {}).get("structural", ""))
+            yield Item(
+                id=str(qid),
+                image=data / "images" / f"{q['imageId']}.jpg",
+                query=q["question"],
+                target=q.get("answer"),
+                kind=q.get("types", {}).get("structural", ""),
+            )
 
 
 def _score(item: Item, answer: str) -> float:
@@ -33,7 +38,17 @@ def _submission(items: Sequence[Item], answers: Sequence[str]) -> list[dict]:
 
 
 TASKS = (
-    Task(name="gqa", splits=("testdev_balanced", "val_balanced"), metric="accuracy", template="vqa",
-         prompt="{question}", max_new_tokens=16, load=load_gqa, clean=clean_short_answer, score=_score,
-         submission=_submission, files="{split}_questions.json, images/{imageId}.jpg"),
+    Task(
+        name="gqa",
+        splits=("testdev_balanced", "val_balanced"),
+        metric="accuracy",
+        template="vqa",
+        prompt="{question}",
+        max_new_tokens=16,
+        load=load_gqa,
+        clean=clean_short_answer,
+        score=_score,
+        submission=_submission,
+        files="{split}_questions.json, images/{imageId}.jpg",
+    ),
 )

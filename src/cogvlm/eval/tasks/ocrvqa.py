@@ -25,8 +25,9 @@ def load_ocrvqa(data: Path, split: str) -> Iterator[Item]:
             if int(entry["split"]) != SPLIT_CODES[split]:
                 continue
             for k, (question, answer) in enumerate(zip(entry["questions"], entry["answers"], strict=True)):
-                yield Item(id=f"{image_id}:{k}", image=data / "images" / f"{image_id}.jpg",
-                           query=question, target=answer)
+                yield Item(
+                    id=f"{image_id}:{k}", image=data / "images" / f"{image_id}.jpg", query=question, target=answer
+                )
 
 
 def _score(item: Item, answer: str) -> float:
@@ -34,7 +35,17 @@ def _score(item: Item, answer: str) -> float:
 
 
 TASKS = (
-    Task(name="ocrvqa", splits=("test", "val"), metric="accuracy", template="vqa", prompt="{question}",
-         max_new_tokens=32, load=load_ocrvqa, clean=clean_short_answer, score=_score,
-         skip_missing_images=True, files="dataset.json, images/{image id}.jpg"),
+    Task(
+        name="ocrvqa",
+        splits=("test", "val"),
+        metric="accuracy",
+        template="vqa",
+        prompt="{question}",
+        max_new_tokens=32,
+        load=load_ocrvqa,
+        clean=clean_short_answer,
+        score=_score,
+        skip_missing_images=True,
+        files="dataset.json, images/{image id}.jpg",
+    ),
 )

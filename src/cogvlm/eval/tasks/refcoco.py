@@ -60,18 +60,30 @@ def _loader(dataset: str, split_by: str) -> Callable[[Path, str], Iterator[Item]
                 image = images[ref["image_id"]]
                 target = (xywh_to_xyxy(boxes[ref["ann_id"]]), image["width"], image["height"])
                 for sentence in ref["sentences"]:
-                    yield Item(id=str(sentence["sent_id"]), image=data / "train2014" / image["file_name"],
-                               query=REC_PROMPT.format(expression=sentence["sent"]), target=target)
+                    yield Item(
+                        id=str(sentence["sent_id"]),
+                        image=data / "train2014" / image["file_name"],
+                        query=REC_PROMPT.format(expression=sentence["sent"]),
+                        target=target,
+                    )
 
     return load
 
 
 def _task(name: str, splits: tuple[str, ...], split_by: str, paper: tuple[float, ...]) -> Task:
-    return Task(name=name, splits=splits, metric="Acc@0.5", template="base", prompt=REC_PROMPT,
-                max_new_tokens=MAX_NEW_TOKENS, load=_loader(name, split_by), clean=str.strip,
-                score=score_grounding,
-                paper=tuple(Paper(s, v, "grounding-generalist v1.1") for s, v in zip(splits, paper)),
-                files=f"{name}/refs({split_by}).p, {name}/instances.json, train2014/ images")
+    return Task(
+        name=name,
+        splits=splits,
+        metric="Acc@0.5",
+        template="base",
+        prompt=REC_PROMPT,
+        max_new_tokens=MAX_NEW_TOKENS,
+        load=_loader(name, split_by),
+        clean=str.strip,
+        score=score_grounding,
+        paper=tuple(Paper(s, v, "grounding-generalist v1.1") for s, v in zip(splits, paper)),
+        files=f"{name}/refs({split_by}).p, {name}/instances.json, train2014/ images",
+    )
 
 
 TASKS = (

@@ -17,7 +17,7 @@ INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
 def format_query(hint: str, question: str, choices: Sequence[str]) -> str:
-    """"Context: {hint}\\n{question}\\nA. ..\\nB. ..\\n{INSTRUCTION}" (no context line without a hint)."""
+    """ "Context: {hint}\\n{question}\\nA. ..\\nB. ..\\n{INSTRUCTION}" (no context line without a hint)."""
     context = f"Context: {hint.strip()}\n" if hint and hint.strip() else ""
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     return f"{context}{question}\n{options}\n{INSTRUCTION}"
@@ -34,9 +34,13 @@ def load_scienceqa(data: Path, split: str) -> Iterator[Item]:
             p = problems[pid]
             if not p.get("image"):  # the IMG subset only
                 continue
-            yield Item(id=str(pid), image=data / "images" / split / str(pid) / p["image"],
-                       query=format_query(p.get("hint", ""), p["question"], p["choices"]),
-                       target=(tuple(p["choices"]), int(p["answer"])), kind=p.get("subject", ""))
+            yield Item(
+                id=str(pid),
+                image=data / "images" / split / str(pid) / p["image"],
+                query=format_query(p.get("hint", ""), p["question"], p["choices"]),
+                target=(tuple(p["choices"]), int(p["answer"])),
+                kind=p.get("subject", ""),
+            )
 
 
 def _score(item: Item, answer: str) -> float:
@@ -45,8 +49,16 @@ def _score(item: Item, answer: str) -> float:
 
 
 TASKS = (
-    Task(name="scienceqa", splits=("test", "val"), metric="accuracy", template="vqa",
-         prompt=format_query("{hint}", "{question}", ["{option A}", "{option B}"]), max_new_tokens=16,
-         load=load_scienceqa, clean=str.strip, score=_score,
-         files="problems.json, pid_splits.json, images/{split}/{pid}/{image}"),
+    Task(
+        name="scienceqa",
+        splits=("test", "val"),
+        metric="accuracy",
+        template="vqa",
+        prompt=format_query("{hint}", "{question}", ["{option A}", "{option B}"]),
+        max_new_tokens=16,
+        load=load_scienceqa,
+        clean=str.strip,
+        score=_score,
+        files="problems.json, pid_splits.json, images/{split}/{pid}/{image}",
+    ),
 )

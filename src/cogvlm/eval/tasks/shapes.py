@@ -21,7 +21,8 @@ from typing import Any
 
 from ...errors import SettingsError
 from ...grounding import parse_boxes
-from ...synthetic import TASKS as TYPES, TEMPLATE_OF_TASK, Scene, iter_scenes, parse_caption_objects
+from ...synthetic import TASKS as TYPES
+from ...synthetic import TEMPLATE_OF_TASK, Scene, iter_scenes, parse_caption_objects
 from ..metrics.grounding import IOU_THRESHOLD, box_iou, grounding_hit, to_pixels
 from . import Item, Task
 
@@ -42,15 +43,15 @@ class ShapesTarget:
     scene: Scene
 
 
-def shapes_items(n: int, seed: int = HELDOUT_SEED, shuffle: bool = False,
-                 size: int = IMAGE_SIZE) -> list[Item]:
+def shapes_items(n: int, seed: int = HELDOUT_SEED, shuffle: bool = False, size: int = IMAGE_SIZE) -> list[Item]:
     """`n` questions of every type, grouped by type; with `shuffle`, images of other scenes."""
     if n < 1:
         raise SettingsError(f"n must be >= 1 (got {n})")
     picked: dict[str, list[tuple[int, int, dict]]] = {t: [] for t in TYPES}
     scenes: list[Scene] = []
-    for index, (_, scene, records) in enumerate(iter_scenes(seed, n * _SCENES_PER_QUESTION, size,
-                                                            per_scene=len(TYPES))):
+    for index, (_, scene, records) in enumerate(
+        iter_scenes(seed, n * _SCENES_PER_QUESTION, size, per_scene=len(TYPES))
+    ):
         scenes.append(scene)
         for k, record in enumerate(records):
             if len(picked[record["task"]]) < n:
@@ -70,9 +71,17 @@ def shapes_items(n: int, seed: int = HELDOUT_SEED, shuffle: bool = False,
     for kind, rows in picked.items():
         for index, k, record in rows:
             question, answer = (turn["content"] for turn in record["conversations"])
-            items.append(Item(id=f"{index}:{k}", image=images[source[index]], query=question,
-                              target=ShapesTarget(answer, scenes[index]), kind=kind,
-                              template=TEMPLATE_OF_TASK[kind], max_new_tokens=MAX_NEW_TOKENS[kind]))
+            items.append(
+                Item(
+                    id=f"{index}:{k}",
+                    image=images[source[index]],
+                    query=question,
+                    target=ShapesTarget(answer, scenes[index]),
+                    kind=kind,
+                    template=TEMPLATE_OF_TASK[kind],
+                    max_new_tokens=MAX_NEW_TOKENS[kind],
+                )
+            )
     return items
 
 
@@ -108,14 +117,28 @@ def score_shapes(item: Item, answer: str) -> float:
     raise ValueError(f"unknown shapes question type {item.kind!r}")
 
 
-SHAPES = Task(name="shapes", splits=("heldout",), metric="accuracy", template="per type (vqa, chat, base)",
-              prompt="the training questions of each type (cogvlm.synthetic)", max_new_tokens=10,
-              clean=str.strip, score=score_shapes, files="none: scenes generated from --seed")
+SHAPES = Task(
+    name="shapes",
+    splits=("heldout",),
+    metric="accuracy",
+    template="per type (vqa, chat, base)",
+    prompt="the training questions of each type (cogvlm.synthetic)",
+    max_new_tokens=10,
+    clean=str.strip,
+    score=score_shapes,
+    files="none: scenes generated from --seed",
+)
 TASKS = (SHAPES,)
 
 
-def evaluate_shapes(pipeline: Any, n: int = DEFAULT_N, seed: int = HELDOUT_SEED, shuffle: bool = False,
-                    batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+def evaluate_shapes(
+    pipeline: Any,
+    n: int = DEFAULT_N,
+    seed: int = HELDOUT_SEED,
+    shuffle: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Score a model on `n` held-out questions per type; see `runner.evaluate` for the result.
     `pipeline` is anything with `batch(requests, **gen) -> list[str]` (a `cogvlm.Pipeline`)."""
     from ..runner import evaluate

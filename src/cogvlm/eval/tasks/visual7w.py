@@ -25,8 +25,7 @@ def load_visual7w(data: Path, split: str) -> Iterator[Item]:
     path = data / "dataset_v7w_pointing.json"
     content = read_json(path)
     with layout(path):
-        boxes = {b["box_id"]: xywh_to_xyxy((b["x"], b["y"], b["width"], b["height"]))
-                 for b in content["boxes"]}
+        boxes = {b["box_id"]: xywh_to_xyxy((b["x"], b["y"], b["width"], b["height"])) for b in content["boxes"]}
         for image in content["images"]:
             if image["split"] != split:
                 continue
@@ -37,9 +36,12 @@ def load_visual7w(data: Path, split: str) -> Iterator[Item]:
                 random.Random(qa["qa_id"]).shuffle(ids)
                 candidates = tuple(boxes[i] for i in ids)
                 notation = ", ".join(format_box(pixel_to_normalised(c, width, height)) for c in candidates)
-                yield Item(id=str(qa["qa_id"]), image=file,
-                           query=POINTING_PROMPT.format(question=qa["question"], candidates=notation),
-                           target=(candidates, ids.index(qa["answer"]), width, height))
+                yield Item(
+                    id=str(qa["qa_id"]),
+                    image=file,
+                    query=POINTING_PROMPT.format(question=qa["question"], candidates=notation),
+                    target=(candidates, ids.index(qa["answer"]), width, height),
+                )
 
 
 def _score(item: Item, answer: str) -> float:
@@ -48,8 +50,17 @@ def _score(item: Item, answer: str) -> float:
 
 
 TASKS = (
-    Task(name="visual7w", splits=("test", "val"), metric="accuracy", template="base", prompt=POINTING_PROMPT,
-         max_new_tokens=128, load=load_visual7w, clean=str.strip, score=_score,
-         paper=(Paper("test", 91.05, "grounding-generalist v1.1"),),
-         files="dataset_v7w_pointing.json, images/{filename}"),
+    Task(
+        name="visual7w",
+        splits=("test", "val"),
+        metric="accuracy",
+        template="base",
+        prompt=POINTING_PROMPT,
+        max_new_tokens=128,
+        load=load_visual7w,
+        clean=str.strip,
+        score=_score,
+        paper=(Paper("test", 91.05, "grounding-generalist v1.1"),),
+        files="dataset_v7w_pointing.json, images/{filename}",
+    ),
 )

@@ -46,11 +46,13 @@ def _coco_vqa(questions: str, annotations: str) -> Callable[[Path, str], Iterato
         with layout(qpath):
             for q in read_json(qpath)["questions"]:
                 ann = truth[q["question_id"]] if truth else None
-                yield Item(id=str(q["question_id"]),
-                           image=data / folder / f"COCO_{folder}_{int(q['image_id']):012d}.jpg",
-                           query=QUESTION.format(question=q["question"]),
-                           target=[a["answer"] for a in ann["answers"]] if ann else None,
-                           kind=ann["answer_type"] if ann else "")
+                yield Item(
+                    id=str(q["question_id"]),
+                    image=data / folder / f"COCO_{folder}_{int(q['image_id']):012d}.jpg",
+                    query=QUESTION.format(question=q["question"]),
+                    target=[a["answer"] for a in ann["answers"]] if ann else None,
+                    kind=ann["answer_type"] if ann else "",
+                )
 
     return load
 
@@ -61,8 +63,12 @@ def load_textvqa(data: Path, split: str) -> Iterator[Item]:
     folder = "test_images" if split == "test" else "train_images"
     with layout(path):
         for q in read_json(path)["data"]:
-            yield Item(id=str(q["question_id"]), image=data / folder / f"{q['image_id']}.jpg",
-                       query=QUESTION.format(question=q["question"]), target=q.get("answers"))
+            yield Item(
+                id=str(q["question_id"]),
+                image=data / folder / f"{q['image_id']}.jpg",
+                query=QUESTION.format(question=q["question"]),
+                target=q.get("answers"),
+            )
 
 
 def load_vizwiz(data: Path, split: str) -> Iterator[Item]:
@@ -71,36 +77,78 @@ def load_vizwiz(data: Path, split: str) -> Iterator[Item]:
     with layout(path):
         for q in read_json(path):
             answers = q.get("answers")
-            yield Item(id=q["image"], image=data / split / q["image"],
-                       query=VIZWIZ_QUESTION.format(question=q["question"]),
-                       target=[a["answer"] for a in answers] if answers else None,
-                       kind=q.get("answer_type", ""))
+            yield Item(
+                id=q["image"],
+                image=data / split / q["image"],
+                query=VIZWIZ_QUESTION.format(question=q["question"]),
+                target=[a["answer"] for a in answers] if answers else None,
+                kind=q.get("answer_type", ""),
+            )
 
 
 def _vizwiz_submission(items: Sequence[Item], answers: Sequence[str]) -> list[dict]:
     return [{"image": i.id, "answer": a} for i, a in zip(items, answers)]
 
 
-def _task(name: str, splits: tuple[str, ...], processor: str, load, files: str, *,
-          prompt: str = QUESTION, submission=_by_question_id, paper: tuple[Paper, ...] = ()) -> Task:
-    return Task(name=name, splits=splits, metric="VQA accuracy", template="vqa", prompt=prompt,
-                max_new_tokens=MAX_NEW_TOKENS, load=load, clean=clean_short_answer,
-                score=_scorer(processor), submission=submission, paper=paper, files=files)
+def _task(
+    name: str,
+    splits: tuple[str, ...],
+    processor: str,
+    load,
+    files: str,
+    *,
+    prompt: str = QUESTION,
+    submission=_by_question_id,
+    paper: tuple[Paper, ...] = (),
+) -> Task:
+    return Task(
+        name=name,
+        splits=splits,
+        metric="VQA accuracy",
+        template="vqa",
+        prompt=prompt,
+        max_new_tokens=MAX_NEW_TOKENS,
+        load=load,
+        clean=clean_short_answer,
+        score=_scorer(processor),
+        submission=submission,
+        paper=paper,
+        files=files,
+    )
 
 
 TASKS = (
-    _task("vqav2", ("val2014", "test-dev2015", "test2015"), "official",
-          _coco_vqa("v2_OpenEnded_mscoco_{split}_questions.json", "v2_mscoco_{split}_annotations.json"),
-          "v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json, "
-          "val2014/ or test2015/ images",
-          paper=(Paper("test-dev2015", 82.3),)),
-    _task("okvqa", ("val2014",), "official",
-          _coco_vqa("OpenEnded_mscoco_{split}_questions.json", "mscoco_{split}_annotations.json"),
-          "OpenEnded_mscoco_val2014_questions.json, mscoco_val2014_annotations.json, val2014/ images",
-          submission=None),
-    _task("textvqa", ("val", "test"), "evalai", load_textvqa,
-          "TextVQA_0.5.1_{split}.json, train_images/ or test_images/",
-          paper=(Paper("val", 70.4, "split not verified"),)),
-    _task("vizwiz", ("val", "test"), "evalai", load_vizwiz, "Annotations/{split}.json, {split}/ images",
-          prompt=VIZWIZ_QUESTION, submission=_vizwiz_submission),
+    _task(
+        "vqav2",
+        ("val2014", "test-dev2015", "test2015"),
+        "official",
+        _coco_vqa("v2_OpenEnded_mscoco_{split}_questions.json", "v2_mscoco_{split}_annotations.json"),
+        "v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json, val2014/ or test2015/ images",
+        paper=(Paper("test-dev2015", 82.3),),
+    ),
+    _task(
+        "okvqa",
+        ("val2014",),
+        "official",
+        _coco_vqa("OpenEnded_mscoco_{split}_questions.json", "mscoco_{split}_annotations.json"),
+        "OpenEnded_mscoco_val2014_questions.json, mscoco_val2014_annotations.json, val2014/ images",
+        submission=None,
+    ),
+    _task(
+        "textvqa",
+        ("val", "test"),
+        "evalai",
+        load_textvqa,
+        "TextVQA_0.5.1_{split}.json, train_images/ or test_images/",
+        paper=(Paper("val", 70.4, "split not verified"),),
+    ),
+    _task(
+        "vizwiz",
+        ("val", "test"),
+        "evalai",
+        load_vizwiz,
+        "Annotations/{split}.json, {split}/ images",
+        prompt=VIZWIZ_QUESTION,
+        submission=_vizwiz_submission,
+    ),
 )
