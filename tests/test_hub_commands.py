@@ -146,3 +146,26 @@ def test_serve_int8_by_hub_id_equals_the_folder(offline_env):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_train_lora_on_a_hub_id(offline_env, tmp_path):
+    """The base model of `cogvlm train` goes through the same loading: a hub id, the Vicuna rule."""
+    import yaml
+
+    config = {
+        "model": REPO,
+        "mode": "lora",
+        "cpu": True,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 2,
+        "batch_size": 2,
+        "save_every": 0,
+        "eval_every": 0,
+        "data": [{"type": "synthetic", "seed": 1}],
+    }
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
+    proc = _cogvlm("train", str(tmp_path / "lora.yaml"), env=offline_env)
+    assert proc.returncode == 0, proc.stderr
+    adapter = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "adapter_config.json").read_text())
+    base = Path(adapter["base_model_name_or_path"])  # the resolved snapshot, which loads on its own
+    assert (base / "config.json").is_file() and "models--THUDM--cogvlm-chat-hf" in str(base)

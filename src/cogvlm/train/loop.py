@@ -13,6 +13,7 @@ from scratch the frozen base model in base/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import CogVLMConfig
+from ..loading import resolve_folder
+from ..loading.resolve import resolve_tokenizer
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, register_hooks, resolve_resume, save_checkpoint
 from .config import TrainConfig, TrainError, load_config, save_config
@@ -264,6 +267,15 @@ def plot_metrics(metrics: Path, out: Path, size: tuple[int, int] = (800, 480)) -
 
 
 # ----------------------------------------------------------------------------- run
+def local_model(cfg: TrainConfig) -> TrainConfig:
+    """`model` (a folder or hub id) and its tokenizer as local folders, by the loading layer's rules
+    (a CogVLM-1 folder without a tokenizer takes lmsys/vicuna-7b-v1.5), so the rest reads files."""
+    if cfg.model is None:
+        return cfg
+    folder = resolve_folder(cfg.model)
+    return dataclasses.replace(cfg, model=str(folder), tokenizer=str(resolve_tokenizer(cfg.tokenizer, folder)))
+
+
 def run(config: dict | str | Path, overrides: dict | None = None, evaluators: Sequence[Evaluator] = ()) -> Path:
     """Train as `config` (+ `overrides`) says; returns the final checkpoint folder.
 
@@ -273,6 +285,7 @@ def run(config: dict | str | Path, overrides: dict | None = None, evaluators: Se
     cfg = load_config(config, overrides)
     if cfg.stages:
         return run_stages(cfg, evaluators)
+    cfg = local_model(cfg)
     cpu = cfg.cpu or not torch.accelerator.is_available()
     mixed = resolve_mixed_precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
