@@ -44,10 +44,13 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def user(text: str, image: Image.Image | None = None) -> dict:
+def user(text: str, image: Image.Image | str | None = None) -> dict:
+    """A user message; `image` a PIL image (sent as PNG) or a data URL."""
     content = [{"type": "text", "text": text}]
     if image is not None:
-        content.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+        content.append(
+            {"type": "image_url", "image_url": {"url": image if isinstance(image, str) else data_url(image)}}
+        )
     return {"role": "user", "content": content}
 
 
@@ -125,21 +128,30 @@ def test_stop_seed_and_template(client, vlm, picture):
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1] == vlm.chat("Hi", max_new_tokens=20, do_sample=True, temperature=1.2, seed=11)
+    others = {
+        client.chat.completions.create(
+            model="reference-tiny", max_tokens=20, temperature=1.2, seed=seed, messages=[user("Hi")]
+        )
+        .choices[0]
+        .message.content
+        for seed in (12, 13, 14)
+    }
+    assert others - {sampled[0]}, "different seeds must draw different answers (temperature 1.2, random model)"
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
-def test_image_formats(client, picture, fmt):
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Describe this image."},
-                {"type": "image_url", "image_url": {"url": data_url(picture, fmt)}},
-            ],
-        }
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "GIF"])
+def test_image_formats(client, vlm, picture, fmt):
+    """Each format answers as its own pixels sent as PNG (JPEG and GIF change the pixels; the
+    answer must follow the decoded image, not the bytes' format)."""
+    url = data_url(picture, fmt)
+    pixels = Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))).convert("RGB")
+    answers = [
+        client.chat.completions.create(model="reference-tiny", max_tokens=12, messages=[user("Describe.", image)])
+        .choices[0]
+        .message.content
+        for image in (url, pixels)
     ]
-    reply = client.chat.completions.create(model="reference-tiny", max_tokens=3, messages=messages)
-    assert reply.choices[0].message.content
+    assert answers[0] == answers[1] == vlm.chat("Describe.", pixels, max_new_tokens=12)
 
 
 def test_errors_reach_the_client_as_openai_errors(client):

@@ -177,7 +177,7 @@ def load_placed(
     """Build `model_class` on the meta device and fill it from `folder`'s memory-mapped files,
     placed by `device_map` (None: everything on `device`); with `quantize`, each layer is
     quantised as its weight arrives; a saved quantised checkpoint loads as it was saved.
-    Quantised layers cannot be offloaded (their kernels run where they live)."""
+    Quantised layers cannot be offloaded (their kernels run where they live); the rest can."""
     saved = read_quantization(folder)
     if saved is not None and quantize not in (None, saved["method"]):
         raise SettingsError(
@@ -197,11 +197,18 @@ def load_placed(
     check_device_map(model, device_map)
     main = main_device(device_map)
     offloaded = {"disk"} if main == "cpu" else {"cpu", "disk"}
-    if quantize is not None and offloaded & set(device_map.values()):
-        raise SettingsError(
-            f"a {quantize} model cannot be offloaded ({sorted(offloaded)} in the device map): "
-            "give the GPUs more max_memory or use a smaller quantisation"
-        )
+    if quantize is not None:  # their kernels run where they live: quantised layers stay put
+        stranded = {
+            key
+            for name, module in model.named_modules()
+            if is_target(name, module, quantize_vision)
+            and device_map[key := _entry(device_map, f"{name}.weight")] in offloaded
+        }
+        if stranded:
+            raise SettingsError(
+                f"{quantize} layers cannot be offloaded ({_compress(sorted(stranded))} on "
+                f"{'/'.join(sorted(offloaded))}): give the GPUs more max_memory or use a smaller quantisation"
+            )
     buffers = {name for name, _ in model.named_buffers()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
 
