@@ -12,6 +12,13 @@ from ..errors import CogVLMError
 from .options import add_generation_flags, add_loading_flags, generation_kwargs, load_pipeline
 
 
+def _query(text: str) -> str:
+    """A question with words in it (checked before anything loads)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty or blank")
+    return text
+
+
 def _answer_record(image: str, query: str, result: Any, seconds: float) -> dict[str, Any]:
     boxes = [b.to_dict(result.width, result.height) for b in result.boxes]
     return {"image": image, "query": query, "answer": result.text, "boxes": boxes, "seconds": round(seconds, 4)}
@@ -110,7 +117,7 @@ def register(sub: Any) -> None:
     p.add_argument("--image", help="image to talk about (none: text only)")
     p = add("ask", cmd_ask, "one question about one or more images (batched)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--query", "-q", required=True)
+    p.add_argument("--query", "-q", required=True, type=_query)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = add("caption", cmd_caption, "grounded caption: a description with a box after each object")
@@ -119,7 +126,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p = add("ground", cmd_ground, "where is X? (--query) or what is in this box? (--box, pixels)")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--query", "-q", help="an expression ('the red circle') or a full question")
+    p.add_argument("--query", "-q", type=_query, help="an expression ('the red circle') or a full question")
     p.add_argument("--box", help="X0,Y0,X1,Y1 in pixels of IMAGE")
     p.add_argument("--draw", metavar="OUT.png")
     p.add_argument("--json", action="store_true")
