@@ -162,7 +162,8 @@ def train_step(
 # ----------------------------------------------------------------------------- evaluation
 class ShuffledImagesDiagnostic:
     """Loss on a fixed held-out batch with its true images and with the images rotated between
-    samples. Equal losses mean the model ignores the image (training-notes: the blind LM)."""
+    samples. Equal losses mean the model ignores the image (as a model trained from scratch
+    does at first, answering from the text's priors)."""
 
     def __init__(self, batch: dict[str, Any]) -> None:
         self.batch = batch
