@@ -1,8 +1,8 @@
 """Grounding boxes: returned structured next to the answer (openai client, plain and streamed),
 and drawn over the image by the web page in a real headless Chromium.
 
-The tiny random model writes no boxes, so its tokenizer is wrapped to read every answer as a
-scripted grounding answer: the model, engine, server and page run for real."""
+The tiny random model writes no boxes, so the engine's token picker is scripted to pick the
+tokens of a grounding answer: the model, engine, streaming decoder, server and page run for real."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import openai
 import pytest
 
+import cogvlm.serve.engine
 from cogvlm.pipeline import Pipeline
 from cogvlm.serve import ServeSettings, create_app, running
 
-SCRIPT = ["A red ", "star ", "[[100,", "200,", "400,", "600]]", " and a ", "cat ", "[[500,500,900,950]]", "."]
-ANSWER = "".join(SCRIPT)
+ANSWER = "A red star [[100,200,400,600]] and a cat [[500,500,900,950]]."
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -30,24 +30,35 @@ CHROMIUM_ARGS = [
 ]
 
 
-class ScriptedTokenizer:
-    """The real tokenizer, except that an answer of n tokens reads as the first n SCRIPT pieces."""
+def scripted_picker(script: list[int], eos: int):
+    """The engine's token picker, scripted: each row continues `script` after the longest script
+    prefix that ends its tokens so far (the prompt ends with none of it), then eos."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def pick(engine, logits, jobs):
+        picked = []
+        for job in jobs:
+            tokens = job.sample["input_ids"].tolist() + job.tokens
+            done = max(k for k in range(len(script) + 1) if k == 0 or tokens[-k:] == script[:k])
+            picked.append(script[done] if done < len(script) else eos)
+        return picked
 
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-    def decode(self, ids, **kwargs) -> str:
-        return "".join(SCRIPT[: len(ids)])
+    return pick
 
 
 @pytest.fixture(scope="module")
-def url(reference_model, reference_tokenizer):
-    vlm = Pipeline(reference_model, ScriptedTokenizer(reference_tokenizer))
-    with running(create_app(vlm, ServeSettings(model_names=("tiny",)))) as base:
-        yield base
+def script(reference_tokenizer) -> list[int]:
+    ids = reference_tokenizer.encode(ANSWER)
+    assert reference_tokenizer.decode(ids) == ANSWER
+    return ids
+
+
+@pytest.fixture(scope="module")
+def url(reference_model, reference_tokenizer, script):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cogvlm.serve.engine.Engine, "_pick", scripted_picker(script, reference_tokenizer.eos_token_id))
+        vlm = Pipeline(reference_model, reference_tokenizer)
+        with running(create_app(vlm, ServeSettings(model_names=("tiny",)))) as base:
+            yield base
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +70,7 @@ def ask(client: openai.OpenAI, image_path: Path, **options):
     url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
     return client.chat.completions.create(
         model="tiny",
-        max_tokens=len(SCRIPT),
+        max_tokens=64,
         **options,
         messages=[
             {
@@ -92,8 +103,8 @@ def test_boxes_next_to_the_answer(url, image_path):
 
 def test_no_boxes_field_without_boxes(url):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
-    assert reply.choices[0].message.content == "A red star " and not reply.choices[0].message.model_extra
+    reply = client.chat.completions.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == "A red star" and not reply.choices[0].message.model_extra
 
 
 def drop_file(page, path: Path) -> None:
@@ -128,7 +139,7 @@ def test_the_page_streams_the_answer_and_draws_the_boxes(url, image_path):
             sync_api.expect(page.locator("#stage")).to_be_visible()
             page.fill("#question", "Where are the star and the cat?")
             page.click("#settings summary")
-            page.fill("#max-tokens", str(len(SCRIPT)))
+            page.fill("#max-tokens", "64")
             page.click("#send")
             answer = page.locator(".turn.assistant:not(.streaming)")
             sync_api.expect(answer).to_have_text(ANSWER)

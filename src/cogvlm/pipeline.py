@@ -21,6 +21,7 @@ from .image import ImageInput, load_image
 from .loading import DEFAULT_MODEL, LoadOptions
 from .prompts import History, build_conversation_input_ids, collate
 from .streaming import TextStream
+from .tokenizer import stop_token_ids
 
 
 @dataclass
@@ -86,15 +87,16 @@ class Pipeline:
         self, samples: Sequence[dict[str, Any]], configs: Sequence[GenerationConfig]
     ) -> Iterator[tuple[int, str]]:
         """Run built samples together; yields (row, text piece) as tokens arrive."""
-        batch = collate(samples, pad_token_id=self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
         dtype = self.model.dtype
         batch["images"] = [[img.to(dtype) for img in imgs] for imgs in batch["images"]]
-        eos = self.tokenizer.eos_token_id
-        decoder = BatchDecoder(self.model, batch, configs, eos)
+        eos = stop_token_ids(self.tokenizer, self.model.config)  # CogVLM2: either of two ends an answer
+        decoder = BatchDecoder(self.model, batch, configs, tuple(eos))
         streams = [TextStream(self.tokenizer, c.stop) for c in configs]
         for step in decoder:
             for row, token in step.items():
-                if token == eos:
+                if token in eos:  # ends the row; never shown
                     continue
                 piece = streams[row].push(token)
                 if streams[row].stopped:

@@ -1,10 +1,22 @@
 """Tokenizers from a folder: `tokenizer.model` (SentencePiece) or `tokenizer.json` (tokenizers).
 
-The SentencePiece path encodes as the official `LlamaTokenizer(legacy=True)` does for Vicuna:
-special-token strings in the text become their ids, every other span goes through
-SentencePiece as is (with its dummy-prefix space). Any object with `encode(text,
-add_special_tokens=False)`, `decode(ids)`, `bos_token_id`, `eos_token_id` and `pad_token_id`
-(a transformers tokenizer, say) can be used wherever this package takes a tokenizer.
+- SentencePiece (CogVLM-1's Vicuna tokenizer) encodes as the official `LlamaTokenizer(legacy=True)`:
+  special-token strings in the text become their ids, every other span goes through SentencePiece
+  as is (with its dummy-prefix space).
+- `tokenizer.json` (CogVLM2's Llama-3 tokenizer) is the `tokenizers` library's job end to end, as in
+  transformers' fast tokenizer: special tokens written in the text (`<|eot_id|>`) become their ids,
+  and decode back to their strings unless skipped. Neither adds bos unless asked (the official code
+  adds it by hand).
+
+bos/eos/unk/pad are named by tokenizer_config.json and special_tokens_map.json. What those leave
+out is read, as transformers' `generate` reads it, from the folder's generation_config.json (else
+config.json) when the folder has one: the pad id when no pad token is named (CogVLM2: 128002, which
+Llama-3's tokenizer files do not name), and `eos_token_ids`, every id that ends an answer (CogVLM2:
+`<|end_of_text|>` 128001 and `<|eot_id|>` 128009; `eos_token_id` stays the first).
+
+Any object with `encode(text, add_special_tokens=False)`, `decode(ids)`, `bos_token_id`,
+`eos_token_id` and `pad_token_id` (a transformers tokenizer, say) can be used wherever this package
+takes a tokenizer; `stop_token_ids` gives the ids that end an answer for any of them.
 """
 
 from __future__ import annotations
@@ -19,6 +31,8 @@ from .errors import CheckpointError
 
 #: The files that make a tokenizer folder (copied along with exported or trained checkpoints).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Where the ids the tokenizer files leave out come from, first file first (as transformers' generate).
+_ID_FILES = ("generation_config.json", "config.json")
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
@@ -28,82 +42,150 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+
+
 def _special_names(folder: Path) -> dict[str, str]:
-    """bos/eos/unk/pad token strings from tokenizer_config.json and special_tokens_map.json."""
+    """bos/eos/unk (and pad, when named) token strings from tokenizer_config.json and special_tokens_map.json."""
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = folder / file
-        if not path.is_file():
+        if not (folder / file).is_file():
             continue
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: not valid JSON") from None
+        data = _read_json(folder / file)
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             value = data.get(key)
             if isinstance(value, dict):
                 value = value.get("content")
             if isinstance(value, str):
                 names[key] = value
-    names.setdefault("pad_token", names["unk_token"])  # Vicuna: pad = <unk> = 0
     return names
 
 
+def _as_ids(value: Any) -> tuple[int, ...]:
+    """An id field as a tuple: transformers writes one id or a list (CogVLM2's eos)."""
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(i) for i in value)
+
+
+def _folder_ids(folder: Path, key: str) -> tuple[int, ...]:
+    """`key` (eos_token_id, pad_token_id) from the first of the folder's model config files that sets it."""
+    for file in _ID_FILES:
+        data = _read_json(folder / file) if (folder / file).is_file() else None
+        if isinstance(data, dict):
+            ids = _as_ids(data.get(key))
+            if ids:
+                return ids
+    return ()
+
+
+def stop_token_ids(tokenizer: Any, config: Any = None) -> frozenset[int]:
+    """Every id that ends an answer: the tokenizer's eos ids and the model config's.
+
+    transformers' `generate` stops at any eos id of the generation config, and CogVLM2 lists two
+    (128001 ends a text, 128009 a turn). Tokenizers without `eos_token_ids` (transformers' own)
+    contribute their `eos_token_id`; a config contributes `eos_token_ids`, else `eos_token_id`.
+    """
+    ids = {*_as_ids(getattr(tokenizer, "eos_token_ids", None)), *_as_ids(tokenizer.eos_token_id)}
+    if config is not None:
+        ids.update(_as_ids(getattr(config, "eos_token_ids", None) or config.eos_token_id))
+    return frozenset(ids)
+
+
 class Tokenizer:
-    """Text <-> ids over a backend; knows its special tokens and decodes them as strings."""
+    """Text <-> ids over a backend, with the special ids prompts, batches and generation need.
+
+    `encode(text)` and `decode(ids, skip_special_tokens)` come from the backend; `special` maps
+    the special-token strings it knows to their ids, `names` the roles to strings. `more_eos` are
+    the other ids that end an answer; `pad_id` is the pad id when `names` has no pad token (else unk).
+    """
 
     def __init__(
         self,
         encode: Callable[[str], list[int]],
-        decode: Callable[[list[int]], str],
+        decode: Callable[[list[int], bool], str],
         special: dict[str, int],
         names: dict[str, str],
-        split_special: bool,
+        more_eos: Sequence[int] = (),
+        pad_id: int | None = None,
     ) -> None:
         self._encode, self._decode = encode, decode
-        self.special_ids = {i: s for s, i in special.items()}
-        self._split = (
-            re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
-            if split_special and special
-            else None
-        )
         self.bos_token_id = special.get(names["bos_token"])
         self.eos_token_id = special.get(names["eos_token"])
         self.unk_token_id = special.get(names["unk_token"])
-        self.pad_token_id = special.get(names["pad_token"], self.unk_token_id)
-        self.special_names = names
+        self.pad_token_id = special.get(names.get("pad_token", ""), self.unk_token_id if pad_id is None else pad_id)
+        eos = [i for i in (self.eos_token_id, *more_eos) if i is not None]
+        self.eos_token_ids = tuple(dict.fromkeys(eos))  # eos_token_id first, no repeats
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; with add_special_tokens, bos first (as LlamaTokenizer)."""
-        ids: list[int] = []
-        spans = self._split.split(text) if self._split else [text]
-        for span in spans:
-            if span in self._special_strings():
-                ids.append(self.special_to_id(span))
-            elif span:
-                ids.extend(self._encode(span))
+        ids = self._encode(text)
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; special tokens as their strings unless skipped."""
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        """Text of `ids` (a list or a tensor); special tokens as their strings unless skipped."""
+        return self._decode([int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)], skip_special_tokens)
+
+
+def _sentencepiece(path: Path, names: dict[str, str]) -> tuple[Callable, Callable, dict[str, int]]:
+    """LlamaTokenizer(legacy=True) over a SentencePiece model: the named special tokens are split
+    out of the text and decoded as their strings; each span between them goes through SentencePiece."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError):
+        raise CheckpointError(f"{path}: not a SentencePiece model") from None
+    unk = sp.id_to_piece(sp.unk_id())
+    special = {s: sp.piece_to_id(s) for s in set(names.values()) if sp.piece_to_id(s) != sp.unk_id() or s == unk}
+    strings = {i: s for s, i in special.items()}
+    splitter = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = []
+        for span in splitter.split(text) if special else [text]:
+            if span in special:
+                ids.append(special[span])
+            elif span:
+                ids.extend(sp.encode(span))
+        return ids
+
+    def decode(ids: list[int], skip_special_tokens: bool) -> str:
         out, run = [], []
         for i in ids:
-            if i in self.special_ids:
-                out.append(self._decode(run))
+            if i in strings:
+                out.append(sp.decode(run))
                 run = []
                 if not skip_special_tokens:
-                    out.append(self.special_ids[i])
+                    out.append(strings[i])
             else:
                 run.append(i)
-        out.append(self._decode(run))
+        out.append(sp.decode(run))
         return "".join(out)
 
-    def _special_strings(self) -> set[str]:
-        return set(self.special_ids.values())
+    return encode, decode, special
 
-    def special_to_id(self, token: str) -> int:
-        return next(i for i, s in self.special_ids.items() if s == token)
+
+def _tokenizers(path: Path) -> tuple[Callable, Callable, dict[str, int]]:
+    """A `tokenizer.json` through the `tokenizers` library; its special tokens are its added tokens
+    marked special (Llama-3: the 256 ids from 128000)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception:
+        raise CheckpointError(f"{path}: not a tokenizers file") from None
+    special = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return (
+        lambda text: tok.encode(text, add_special_tokens=False).ids,
+        lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
+        special,
+    )
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -111,32 +193,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     folder = Path(folder)
     names = _special_names(folder)
     if (folder / "tokenizer.model").is_file():
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(folder / "tokenizer.model"))
-        except (OSError, RuntimeError):
-            raise CheckpointError(f"{folder / 'tokenizer.model'}: not a SentencePiece model") from None
-        special = {
-            s: sp.piece_to_id(s)
-            for s in set(names.values())
-            if sp.piece_to_id(s) != sp.unk_id() or s == sp.id_to_piece(sp.unk_id())
-        }
-        return Tokenizer(lambda t: sp.encode(t), lambda ids: sp.decode(ids), special, names, split_special=True)
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception:
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a tokenizers file") from None
-        special = {s: tok.token_to_id(s) for s in set(names.values()) if tok.token_to_id(s) is not None}
-        return Tokenizer(
-            lambda t: tok.encode(t, add_special_tokens=False).ids,
-            lambda ids: tok.decode(ids, skip_special_tokens=False),
-            special,
-            names,
-            split_special=False,
-        )
-    raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json")
+        backend = _sentencepiece(folder / "tokenizer.model", names)
+    elif (folder / "tokenizer.json").is_file():
+        backend = _tokenizers(folder / "tokenizer.json")
+    else:
+        raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json")
+    pad = _folder_ids(folder, "pad_token_id")
+    return Tokenizer(*backend, names, _folder_ids(folder, "eos_token_id"), pad[0] if pad else None)
