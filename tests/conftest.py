@@ -68,3 +68,30 @@ def hub_cache(tmp_path_factory) -> Path:
     from hubfake import build_hub_cache
 
     return build_hub_cache(tmp_path_factory.mktemp("hub"))
+
+
+# ---- reference-cogvlm2-tiny: the official CogVLM2 code's outputs on a tiny random CogVLM2 ----
+COGVLM2 = Path(__file__).parent / "fixtures" / "reference-cogvlm2-tiny"
+
+
+@pytest.fixture(scope="session")
+def cogvlm2_dir() -> Path:
+    return COGVLM2
+
+
+@pytest.fixture(scope="session")
+def cogvlm2_cases() -> dict:
+    return json.loads((COGVLM2 / "cases.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def cogvlm2_tensors() -> dict[str, torch.Tensor]:
+    return load_file(COGVLM2 / "cases.safetensors")
+
+
+@pytest.fixture(scope="session")
+def cogvlm2_model():
+    """Loaded once per session (66 MB fp32); tests must not change it."""
+    from cogvlm import CogVLMForCausalLM
+
+    return CogVLMForCausalLM.from_pretrained(COGVLM2)

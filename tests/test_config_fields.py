@@ -171,3 +171,28 @@ def test_refused_in_one_line(field, value, words, reference_dir):
 )
 def test_values_the_model_computes_with_are_accepted(field, value, reference_dir):
     CogVLMConfig.from_dict(_official_with(reference_dir, field, value))
+
+
+REFUSED_COGVLM2 = [  # on reference-cogvlm2-tiny's config.json: 4 query heads, 2 KV heads
+    ("num_multi_query_heads", 3, "must divide num_attention_heads 4"),
+    ("num_multi_query_heads", 0, "must divide num_attention_heads 4"),
+    ("num_multi_query_heads", 2.0, "must divide num_attention_heads 4"),
+    ("num_key_value_heads", 4, "only 2: the key/value heads are num_multi_query_heads"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "words"), REFUSED_COGVLM2, ids=[f"{f}={v}" for f, v, _ in REFUSED_COGVLM2])
+def test_cogvlm2_refused_in_one_line(field, value, words, cogvlm2_dir):
+    data = json.loads((cogvlm2_dir / "config.json").read_text()) | {field: value}
+    with pytest.raises(CheckpointError) as info:
+        CogVLMConfig.from_dict(data, "model/config.json")
+    assert str(info.value).startswith(f"model/config.json: {field} {json.dumps(value)} is not supported (")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("num_key_value_heads", 2), ("num_multi_query_heads", 4), ("num_multi_query_heads", 1)]
+)
+def test_cogvlm2_grouping_accepted(field, value, cogvlm2_dir):
+    data = json.loads((cogvlm2_dir / "config.json").read_text()) | {field: value}
+    CogVLMConfig.from_dict(data)

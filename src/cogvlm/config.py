@@ -2,20 +2,34 @@
 
 The official `CogVLMConfig` keeps `vision_config` as a plain dict; here both halves are frozen
 dataclasses. Missing architecture fields are an error; unknown fields are ignored unless they
-would change the computation. What each field that could change the forward gets here:
+would change the computation.
 
-- Honoured: every shape field; `rms_norm_eps`; `hidden_act` and `vision_config.hidden_act`
-  (through `ACTIVATIONS`); `rope_theta` (absent from CogVLM-1 configs, whose code hard-codes
-  10000 - the default here; CogVLM2's code hard-codes 500000); `vision_config.layer_norm_eps`,
+Two families share this one config and one network. CogVLM2 (cogvlm2-llama3-*) is CogVLM on
+Llama-3 with grouped-query attention, a bias on the vision expert's QKV, a stride-2 conv after
+the ViT and RoPE base 500000. Its official code hard-codes most of that, so its config.json does
+not say it; the family is recognised by a rule chosen here: **a config.json whose `bos_token_id`
+is 128000 (Llama-3's `<|begin_of_text|>`) is CogVLM2**, every other one CogVLM-1. The rule then
+fills the fields its code hard-codes (`_COGVLM2_CODE`) when config.json does not set them, and
+`to_dict` leaves out what equals the family's values, so both families' config.json files are
+written back as they were read. The model reads the fields, never the family.
+
+What each field that could change the forward gets here:
+
+- Honoured: every shape field; `num_multi_query_heads` (CogVLM2's key/value heads, 8 when
+  absent as in the released config.json); `rms_norm_eps`; `hidden_act` and
+  `vision_config.hidden_act` (through `ACTIVATIONS`); `rope_theta` (absent from both families'
+  configs, whose code hard-codes 10000 and 500000); `vision_config.layer_norm_eps`,
   `in_channels`, `dropout_prob` (training only); `initializer_range` (random init);
   `pad_token_id` (the embedding's padding row); `torch_dtype` (the loaders' "auto" dtype).
 - Not part of the forward: `max_position_embeddings` (the official code never reads it; here it
-  is `context_length`), `template_version` (prompts), bos/eos ids (generation), `use_cache`.
+  is `context_length`), `template_version` (prompts), bos/eos ids (generation; `eos_token_id`
+  may be a list, generation stops at any of them), `use_cache`.
 - Refused with one line, at parse time: an unknown activation name, `tie_word_embeddings` true,
   `rope_scaling` not null, `pretraining_tp` not 1, `attention_bias`/`mlp_bias` true,
-  `num_key_value_heads`/`num_multi_query_heads`/`head_dim` that disagree with the heads, a width
-  not divisible by the heads, a non-positive `rope_theta`, and `vision_config.num_positions`
-  other than patches + 1.
+  `num_multi_query_heads` in a CogVLM-1 config other than the heads, in a CogVLM2 one not a
+  divisor of them, `num_key_value_heads`/`head_dim` that disagree with the heads, a width not
+  divisible by the heads, a non-positive `rope_theta`, and `vision_config.num_positions` other
+  than patches + 1.
 """
 
 from __future__ import annotations
@@ -87,7 +101,10 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class CogVLMConfig:
-    """The whole model: LLaMA decoder with visual experts plus `vision` (config.json fields)."""
+    """The whole model: LLaMA decoder with visual experts plus `vision` (config.json fields).
+
+    The defaults are CogVLM-1's; the last five fields are those CogVLM2's code assumes (`_COGVLM2_CODE`).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -102,29 +119,55 @@ class CogVLMConfig:
     template_version: str = "chat"
     pad_token_id: int = 0
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (2,)  # config.json's eos_token_id: one id, or a list (CogVLM2)
     tie_word_embeddings: bool = False
     use_cache: bool = True
     torch_dtype: str = "bfloat16"
-    rope_theta: float = 10000.0  # RoPE base; not in CogVLM-1 configs (see module doc)
+    num_multi_query_heads: int | None = None  # key/value heads (CogVLM2's GQA); None: one per query head
+    rope_theta: float = 10000.0  # RoPE base; not in config.json (see module doc)
+    vision_expert_qkv_bias: bool = False  # CogVLM2: the vision expert's QKV has a bias
+    vision_conv: bool = False  # CogVLM2: Conv2d(Dv, Dv, 2, stride 2) on the patch grid (`model.vision.conv`)
+    image_token_id: int | None = None  # image placeholder id; None: the tokenizer's pad id (CogVLM-1)
+
+    @property
+    def family(self) -> str:
+        """'CogVLM2' or 'CogVLM' by the rule in the module docstring (names and config.json only)."""
+        return "CogVLM2" if self.bos_token_id == LLAMA3_BOS_TOKEN_ID else "CogVLM"
+
+    @property
+    def eos_token_id(self) -> int:
+        """The first eos id (the one that ends a text); generation stops at any of `eos_token_ids`."""
+        return self.eos_token_ids[0]
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: query head j reads KV head j // (heads / kv_heads)."""
+        return self.num_multi_query_heads or self.num_attention_heads
+
+    @property
     def context_length(self) -> int:
         """Most tokens one sequence may hold, prompt (image tokens included) plus generated ones.
 
-        This is `max_position_embeddings`: the official code stores it but never reads it, and its
-        demos stop at max_length=2048, the value of this field in every published CogVLM-1 config.
+        This is `max_position_embeddings`: the official code stores it but never reads it. It is
+        2048 in every published CogVLM-1 config (where the demos stop at max_length=2048) and 8192
+        in CogVLM2's.
         """
         return self.max_position_embeddings
 
     @property
+    def image_grid(self) -> int:
+        """Side of the grid of image tokens: patches per side, halved by the stride-2 conv."""
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        return side // 2 if self.vision_conv else side
+
+    @property
     def image_tokens(self) -> int:
-        """Tokens one image takes in the prompt: patches + boi + eoi (1227 at 490 px)."""
-        return self.vision_config.num_patches + 2
+        """Tokens one image takes in the prompt: grid + boi + eoi (1227 at 490 px; 2306 for CogVLM2's 1344 px)."""
+        return self.image_grid**2 + 2
 
     # ---- config.json -------------------------------------------------------------------------
 
@@ -137,9 +180,10 @@ class CogVLMConfig:
             raise CheckpointError(f"{source}: missing required field 'vision_config'")
         vcfg = _build(VisionConfig, vision, f"{source}: vision_config")
         _check_vision(vcfg, source)
-        top = {k: v for k, v in data.items() if k != "vision_config"}
-        if isinstance(top.get("eos_token_id"), list):  # CogVLM2 style list; the first ends turns
-            top["eos_token_id"] = top["eos_token_id"][0]
+        top = {**_family_code(data.get("bos_token_id")), **{k: v for k, v in data.items() if k != "vision_config"}}
+        eos = top.pop("eos_token_id", None)
+        if eos is not None:
+            top["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
         config = _build(cls, {**top, "vision_config": vcfg}, source)
         _check_decoder(config, data, source)
         return config
@@ -156,28 +200,48 @@ class CogVLMConfig:
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """The official config.json content (with architectures and auto_map)."""
+        """The official config.json content of this family (with architectures and auto_map)."""
+        code = _family_code(self.bos_token_id)
+        cogvlm2 = self.family == "CogVLM2"
         out: dict[str, Any] = {
             "architectures": ["CogVLMForCausalLM"],
             "auto_map": {
                 "AutoConfig": "configuration_cogvlm.CogVLMConfig",
                 "AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM",
             },
+            "eos_token_id": list(self.eos_token_ids) if cogvlm2 or len(self.eos_token_ids) > 1 else self.eos_token_id,
+            "transformers_version": "4.43.4" if cogvlm2 else "4.35.0",
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _NOT_OFFICIAL and value == f.default:
-                continue  # so an official config.json is written back unchanged
+            if f.name == "eos_token_ids" or (f.name in code and value == code[f.name]):
+                continue  # what the family's code assumes stays out, so config.json is written back as read
             out[f.name] = dataclasses.asdict(value) if f.name == "vision_config" else value
-        out["transformers_version"] = "4.35.0"
         return dict(sorted(out.items()))
 
     def replace(self, **changes: Any) -> CogVLMConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: Our fields that the official CogVLM-1 config does not have; written only when not the default.
-_NOT_OFFICIAL = {"rope_theta"}
+#: Llama-3's `<|begin_of_text|>`: the bos id that marks a CogVLM2 config.json (the module's rule).
+LLAMA3_BOS_TOKEN_ID = 128000
+
+#: What the official CogVLM2 code assumes that its config.json does not say (the configuration
+#: class defaults `num_multi_query_heads` to 8; the modeling code hard-codes the rest).
+_COGVLM2_CODE: dict[str, Any] = {
+    "num_multi_query_heads": 8,
+    "rope_theta": 500000.0,
+    "vision_expert_qkv_bias": True,
+    "vision_conv": True,
+    "image_token_id": 128002,
+}
+
+
+def _family_code(bos_token_id: Any) -> dict[str, Any]:
+    """The values of `_COGVLM2_CODE`'s fields that the family's official code assumes."""
+    if bos_token_id == LLAMA3_BOS_TOKEN_ID:
+        return _COGVLM2_CODE
+    return {f.name: f.default for f in dataclasses.fields(CogVLMConfig) if f.name in _COGVLM2_CODE}
 
 
 def _refuse(source: str, field: str, value: Any, supported: str) -> CheckpointError:
@@ -211,25 +275,34 @@ def _check_vision(v: VisionConfig, source: str) -> None:
 def _fixed(c: CogVLMConfig) -> dict[str, tuple[Any, str]]:
     """Keys (mostly LLaMA-style ones the official code never reads) with the one value our forward
     computes with, and why."""
-    heads = c.num_attention_heads
-    return {
+    cogvlm2 = c.family == "CogVLM2"
+    kv_why = (
+        "the key/value heads are num_multi_query_heads"
+        if cogvlm2
+        else f"grouped-query attention is CogVLM2's (config.json bos_token_id {LLAMA3_BOS_TOKEN_ID})"
+    )
+    fixed = {
         "tie_word_embeddings": (False, "lm_head and embed_tokens are separate weights"),
         "rope_scaling": (None, "RoPE is unscaled"),
         "pretraining_tp": (1, "linear layers are not sliced"),
-        "attention_bias": (False, "the attention projections have no bias"),
+        "attention_bias": (False, "the language expert's projections have no bias"),
         "mlp_bias": (False, "the MLP projections have no bias"),
-        "num_key_value_heads": (heads, "grouped-query attention is not implemented"),
-        "num_multi_query_heads": (heads, "grouped-query attention is not implemented"),
+        "num_key_value_heads": (c.num_kv_heads, kv_why),
         "head_dim": (c.head_dim, "the head width is hidden_size / num_attention_heads"),
     }
+    if not cogvlm2:  # CogVLM-1's code has no such key: a different value would be ignored there
+        fixed["num_multi_query_heads"] = (c.num_attention_heads, kv_why)
+    return fixed
 
 
 def _check_decoder(c: CogVLMConfig, data: dict[str, Any], source: str) -> None:
     _check_activation(c.hidden_act, source, "hidden_act")
-    if c.hidden_size % c.num_attention_heads:
-        raise _refuse(
-            source, "hidden_size", c.hidden_size, f"must be a multiple of num_attention_heads {c.num_attention_heads}"
-        )
+    heads = c.num_attention_heads
+    if c.hidden_size % heads:
+        raise _refuse(source, "hidden_size", c.hidden_size, f"must be a multiple of num_attention_heads {heads}")
+    kv = c.num_multi_query_heads
+    if c.family == "CogVLM2" and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or heads % kv):
+        raise _refuse(source, "num_multi_query_heads", kv, f"must divide num_attention_heads {heads}")
     for key, (value, why) in _fixed(c).items():
         if data.get(key, value) != value:
             raise _refuse(source, key, data[key], f"only {json.dumps(value)}: {why}")
@@ -267,6 +340,28 @@ _LLAMA_7B = {
     "num_hidden_layers": 32,
     "num_attention_heads": 32,
 }
+#: Llama-3's vocabulary, special ids and context, as CogVLM2's config.json gives them.
+_LLAMA3 = {
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "bos_token_id": LLAMA3_BOS_TOKEN_ID,
+    "eos_token_ids": (128001, 128009),  # <|end_of_text|>, <|eot_id|>
+    "pad_token_id": 128002,  # <|reserved_special_token_0|>, also the image placeholder
+}
+
+
+def _cogvlm2(**fields: Any) -> CogVLMConfig:
+    """A CogVLM2 shape: Llama-3's ids and context, what CogVLM2's code hard-codes, then `fields`."""
+    return CogVLMConfig(**{**_LLAMA3, **_COGVLM2_CODE, **fields})
+
+
+_COGVLM2_19B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vision_config": _vision(1344, 1792, 63, 16, 15360),
+}
 
 #: The released shapes, plus small ones for tests and benchmarks.
 PRESETS: dict[str, CogVLMConfig] = {
@@ -296,6 +391,20 @@ PRESETS: dict[str, CogVLMConfig] = {
         vision_config=_vision(490, 256, 4, 4, 1024),
         torch_dtype="float32",
     ),
+    "cogvlm2-llama3-chat-19b": _cogvlm2(**_COGVLM2_19B, template_version="chat"),
+    "cogvlm2-llama3-chinese-chat-19b": _cogvlm2(**_COGVLM2_19B, template_version="chat"),
+    # CogVLM2's real image geometry (1344 px, 96x96 patches, 48x48 after the conv, 2306 image
+    # tokens) and vocabulary, with bench-490's vision widths and a narrower decoder (4 query heads
+    # per KV head, as the 19B).
+    "bench-cogvlm2-1344": _cogvlm2(
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_multi_query_heads=2,
+        vision_config=_vision(1344, 256, 4, 4, 1024),
+        torch_dtype="float32",
+    ),
 }
 
 
@@ -309,6 +418,7 @@ def get_preset(name: str) -> CogVLMConfig:
 __all__ = [
     "ACTIVATIONS",
     "LANGUAGE_TOKEN_TYPE",
+    "LLAMA3_BOS_TOKEN_ID",
     "PRESETS",
     "VISION_TOKEN_TYPE",
     "CogVLMConfig",

@@ -1,6 +1,6 @@
 """Token generation: a preallocated KV cache, prefill, decode one token, sample.
 
-The cache holds (B, H, S_max, K) keys and values per layer, written at explicit positions; a
+The cache holds (B, Hkv, S_max, K) keys and values per layer, written at explicit positions; a
 step never concatenates over it. Batches are left-padded (pad id, type 0, mask 0); rows that
 finish are dropped from the batch so they stop costing compute.
 """
@@ -49,7 +49,7 @@ class GenerationConfig:
 
 
 class KVCache:
-    """Per-layer (keys, values), each (B, H, S_max, K), in the model's dtype and device.
+    """Per-layer (keys, values), each (B, Hkv, S_max, K), in the model's dtype and device.
 
     Each layer's cache lives on that layer's execution device (device maps, offloaded layers).
     The model gets this object, not its list: accelerate's device hooks copy lists of tensors
@@ -58,7 +58,7 @@ class KVCache:
 
     def __init__(self, model: Any, batch: int, max_len: int) -> None:
         cfg = model.config
-        shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # grouped-query: the KV heads only
         dtype = model.model.embed_tokens.weight.dtype  # quantised weights do not carry the compute dtype
         self.layers = []
         for layer in model.model.layers:
@@ -140,8 +140,9 @@ def sample(
 class BatchDecoder:
     """Iterate decoding steps over a left-padded batch; each step yields {row: token}.
 
-    Rows finish at eos, at their max_new_tokens, or when the caller calls `finish(row)` (a
-    stop string, a cancelled request); finished rows leave the batch before the next step.
+    Rows finish at any of the eos ids, at their max_new_tokens, or when the caller calls
+    `finish(row)` (a stop string, a cancelled request); finished rows leave the batch before the
+    next step.
     """
 
     def __init__(
@@ -237,7 +238,8 @@ def generate_sequences(
 ) -> torch.Tensor:
     """The drop-in `model.generate`: prompt + new tokens (B, T + N); rows that ended early are
     padded with the pad id, as transformers does. Without max_length / max_new_tokens the
-    transformers default applies (max_length 20)."""
+    transformers default applies (max_length 20); without eos_token_id, every id of
+    config.eos_token_ids ends a row (CogVLM2: <|end_of_text|> and <|eot_id|>)."""
     unknown = set(kwargs) - _GENERATE_KEYS - {"use_cache"}
     if unknown:
         raise TypeError(f"generate() got unexpected argument(s): {', '.join(sorted(unknown))}")
@@ -252,7 +254,7 @@ def generate_sequences(
     if "max_new_tokens" not in kwargs:
         kwargs["max_new_tokens"] = max((max_length or 20) - t, 1)
     config = GenerationConfig(**kwargs)
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = model.config.eos_token_ids if eos_token_id is None else eos_token_id
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     batch = {
         "input_ids": input_ids,

@@ -1,7 +1,9 @@
 """Prompt templates and `build_conversation_input_ids`, exactly as the official model builds them.
 
-Layout of one sample: `[bos]` + (if an image) `image_tokens` placeholders of the pad id with
-token type 1 + the encoded prompt text (type 0); no eos. Templates:
+Layout of one sample: `[bos]` + (if an image) `image_tokens` placeholders with token type 1 +
+the encoded prompt text (type 0, no special tokens added); no eos. The placeholder id is the
+tokenizer's pad id for CogVLM-1 and 128002 for CogVLM2 (`config.image_token_id`), as their
+official code has it. The templates are the same for both families:
 - base: the query verbatim (history ignored);
 - vqa:  `Question: {q} Short answer: {a}\\n` per past turn, then `Question: {query} Short answer:`;
 - chat: the same with `Answer:`.
@@ -79,7 +81,8 @@ def build_conversation_input_ids(
     pixels = None
     if images:
         pixels = [preprocess(load_image(images[0]), config.vision_config.image_size)]
-        ids += [tokenizer.pad_token_id] * config.image_tokens
+        placeholder = tokenizer.pad_token_id if config.image_token_id is None else config.image_token_id
+        ids += [placeholder] * config.image_tokens
         types += [VISION_TOKEN_TYPE] * config.image_tokens
     text = tokenizer.encode(format_prompt(query, history, template_version), add_special_tokens=False)
     ids += list(text)

@@ -7,6 +7,8 @@ What is special, in five lines:
 - A GLU adapter maps ViT features to the decoder width; learned boi/eoi tokens wrap the image.
 - All patch tokens of an image share one position id (boi and eoi take their own).
 - token_type_ids (0 text, 1 image) pick the expert and the positions; they travel unchanged.
+CogVLM2 is this network configured (config.py): Llama-3 with grouped-query attention, a bias on
+the vision expert's QKV, and a stride-2 conv that quarters the image tokens before the adapter.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class CogVLMModel(nn.Module):
         self.gradient_checkpointing = False
 
     def encode_images(self, images: Images) -> torch.Tensor | None:
-        """Images -> (N, P + 2, D) image tokens, or None when there are no images."""
+        """Images -> (N, G + 2, D) image tokens (G = config.image_grid ** 2), or None when there are none."""
         if images is None:
             return None
         if not isinstance(images, torch.Tensor):

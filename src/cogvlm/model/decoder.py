@@ -4,6 +4,10 @@ Every layer holds two copies of the QKV projection, the attention output project
 MLP: the language expert (the original LLM weights) and the vision expert. A boolean mask over
 tokens (B, T) routes each token through one of them; with no image, only the language expert
 runs, so the decoder is exactly its language model.
+
+Attention is grouped-query: the fused QKV output is `[H, Hkv, Hkv] x K` and query head j reads
+key/value head j // (H / Hkv). CogVLM-1 has Hkv = H (plain multi-head attention); CogVLM2 has
+H = 4 Hkv and a bias on the vision expert's QKV.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from ..config import ACTIVATIONS, CogVLMConfig
 
-#: A layer's slice of the preallocated KV cache: keys and values, each (B, H, S_max, K).
+#: A layer's slice of the preallocated KV cache: keys and values, each (B, Hkv, S_max, K).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -43,7 +47,8 @@ def rotary_inv_freq(head_dim: int, dtype: torch.dtype = torch.float32, base: flo
 class RotaryEmbedding(nn.Module):
     """NeoX-style rotary embedding over the whole head; `inv_freq` is a persistent buffer.
 
-    `base` is config.rope_theta (10000 for CogVLM-1, hard-coded there).
+    `base` is config.rope_theta (hard-coded in the official code: 10000 for CogVLM-1, 500000 for
+    CogVLM2). A checkpoint's stored `inv_freq` replaces the computed one, as it does there.
     """
 
     def __init__(self, head_dim: int, base: float) -> None:
@@ -93,11 +98,13 @@ class VisionExpertAttention(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
-        self.vision_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
+        self.vision_expert_query_key_value = nn.Linear(d, qkv, bias=config.vision_expert_qkv_bias)
         self.vision_expert_dense = nn.Linear(d, d, bias=False)
-        self.language_expert_query_key_value = nn.Linear(d, 3 * d, bias=False)
+        self.language_expert_query_key_value = nn.Linear(d, qkv, bias=False)
         self.language_expert_dense = nn.Linear(d, d, bias=False)
 
     def forward(
@@ -113,10 +120,12 @@ class VisionExpertAttention(nn.Module):
         b, t, d = x.shape
         mixed = route(
             x, vision_mask, self.language_expert_query_key_value, self.vision_expert_query_key_value
-        )  # (B, T, 3D): Q | K | V
-        q, k, v = (
-            y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in mixed.split(d, dim=-1)
-        )  # each (B, H, T, K)
+        )  # (B, T, (H + 2 Hkv) K): Q | K | V
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = mixed.split([d, kv_width, kv_width], dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, K)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, K)
         cos, sin = self.rotary_emb(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # write post-RoPE keys/values at their positions, read the prefix
@@ -125,7 +134,10 @@ class VisionExpertAttention(nn.Module):
             cache_k[:, :, cache_start:end] = k
             cache_v[:, :, cache_start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
         ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return route(ctx, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 

@@ -1,10 +1,13 @@
 """EVA2-CLIP vision tower: patch embedding plus post-sublayer-norm transformer layers.
 
 Unlike a pre-norm ViT, each sublayer's *output* is layer-normed before the residual add
-(`x + LN(attn(x))`), and there is no final norm. Module names match the official weights.
+(`x + LN(attn(x))`), and there is no final norm. CogVLM2 then halves the patch grid with a
+stride-2 conv before the adapter. Module names match the official weights.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -92,20 +95,32 @@ class Transformer(nn.Module):
 
 
 class EVA2CLIPModel(nn.Module):
-    """Pixels -> image tokens for the decoder: ViT, drop cls, GLU adapter, then boi/eoi around."""
+    """Pixels -> image tokens for the decoder: ViT, drop cls, (CogVLM2: stride-2 conv), GLU adapter,
+    then boi/eoi around."""
 
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
         vision = config.vision_config
         self.patch_embedding = PatchEmbedding(vision)
         self.transformer = Transformer(vision)
-        self.linear_proj = GLU(vision.hidden_size, config.hidden_size, config.intermediate_size)
+        dv = vision.hidden_size
+        self.conv = nn.Conv2d(dv, dv, kernel_size=2, stride=2) if config.vision_conv else None
+        self.linear_proj = GLU(dv, config.hidden_size, config.intermediate_size)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, S, S) -> (N, P + 2, D)."""
+        """images (N, 3, S, S) -> (N, G + 2, D), G image tokens (P, or P / 4 after the conv)."""
         x = self.transformer(self.patch_embedding(images))[:, 1:]  # (N, P, Dv), cls dropped
-        x = self.linear_proj(x)  # (N, P, D)
+        if self.conv is not None:
+            x = self._halve_grid(x)  # (N, P / 4, Dv)
+        x = self.linear_proj(x)  # (N, G, D)
         n = x.shape[0]
         return torch.cat((self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)), dim=1)
+
+    def _halve_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, P, Dv) -> (N, P / 4, Dv): the patches as their row-major (g, g) grid through the conv."""
+        n, p, dv = x.shape
+        side = math.isqrt(p)
+        grid = x.transpose(1, 2).reshape(n, dv, side, side)  # (N, Dv, g, g)
+        return self.conv(grid).flatten(2).transpose(1, 2)  # (N, (g/2)^2, Dv), row-major again
