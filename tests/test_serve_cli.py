@@ -4,6 +4,7 @@ model in the background, answers 503 then 200 on /health, and stops cleanly on C
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,3 +83,19 @@ def test_serve_process(reference_dir):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_serve_exits_with_the_reason_when_the_model_cannot_load(reference_dir, tmp_path):
+    """A model that fails to load ends the command before any port is bound (no 503s forever)."""
+    folder = tmp_path / "broken"
+    shutil.copytree(reference_dir, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "--model", str(folder), "--port", "0", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "corrupt or truncated" in proc.stderr and "running on" not in proc.stderr

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import CogVLMError
-from .options import add_loading_flags, load_options
+from .options import add_loading_flags, load_options, load_pipeline
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..loading import resolve_folder
-    from ..loading.resolve import resolve_tokenizer
-    from ..pipeline import load
     from ..serve import EngineSettings, MediaPolicy, ServeSettings, create_app, serve_forever
 
     checks = {
@@ -28,17 +25,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CogVLMError(message)
     engine = EngineSettings(**{name: value for name, (value, _, _) in checks.items() if value is not None})
     options = load_options(args)
-    # Downloads and the tokenizer rule run now, so a wrong name fails before the port is bound.
     folder = resolve_folder(options.model, options.revision)
-    if options.tokenizer is None or isinstance(options.tokenizer, (str, Path)):
-        options = options.replace(tokenizer=resolve_tokenizer(options.tokenizer, folder))
     hub_id = [str(args.model)] if args.model and not Path(args.model).exists() else []
     names = tuple(args.served_model_name or dict.fromkeys([*hub_id, folder.name, "cogvlm-chat-17b"]))
     settings = ServeSettings(
-        model_names=names, api_key=args.api_key, engine=engine, media=MediaPolicy(allow_remote=args.allow_remote_images)
+        model_names=names,
+        api_key=args.api_key,
+        engine=engine,
+        media=MediaPolicy(allow_remote=args.allow_remote_images),
     )
-    loader = functools.partial(load, options.replace(model=folder))
-    serve_forever(create_app(loader, settings), host=args.host, port=args.port)
+    # Load before binding the port: a model that cannot be loaded ends the command with its reason.
+    pipeline = load_pipeline(args)
+    serve_forever(create_app(pipeline, settings), host=args.host, port=args.port)
     return 0
 
 
