@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CogVLMError
-from ..eval import format_result, shapes_table, task_list
+from ..eval import format_result, parallel, shapes_table, task_list
 from ..eval.runner import Answerer, load_items, run
+from ..eval.served import ServedModel
 from ..eval.tasks import Task, get_task
 from ..eval.tasks.shapes import DEFAULT_N, HELDOUT_SEED, SHAPES, shapes_items
 from .options import add_loading_flags, load_pipeline
@@ -24,6 +25,15 @@ def _check(args: argparse.Namespace, task: Task) -> None:
             raise CogVLMError(f"{flag} must be >= 1 (got {value})")
     if args.batch_size < 1:
         raise CogVLMError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.api_base is None:
+        wrong = [f for f, v in (("--api-key", args.api_key), ("--served-model", args.served_model)) if v]
+        if wrong:
+            raise CogVLMError(f"{', '.join(wrong)} only apply with --api-base URL")
+    else:
+        loading = ("--model", "--revision", "--tokenizer", "--device-map", "--quantize")
+        wrong = [f for f in loading if getattr(args, f[2:].replace("-", "_"))]
+        if wrong:
+            raise CogVLMError(f"--api-base scores a served model: drop {', '.join(wrong)}")
     if task is SHAPES:
         wrong = [f for f, v in (("--data", args.data), ("--split", args.split), ("--limit", args.limit)) if v]
         if wrong:
@@ -44,13 +54,24 @@ def _model_name(model: str | None) -> str:
     return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
-def _pipeline_loader(args: argparse.Namespace) -> Callable[[], Answerer]:
-    """Loads the model on first call (a finished run is rescored without it), then reuses it."""
-    return functools.cache(lambda: load_pipeline(args))
+def _answerer(args: argparse.Namespace) -> tuple[Answerer | Callable[[], Answerer], str]:
+    """What answers, and the name results are filed under: a served model (--api-base), or a
+    loader of the model that loads on first call (a finished run is rescored without it)."""
+    if args.api_base:
+        served = ServedModel(args.api_base, args.served_model, args.api_key)
+        return served, served.label
+    args.device = parallel.device_for_rank(args.device)
+    return functools.cache(lambda: load_pipeline(args)), _model_name(args.model)
+
+
+def _say(text: str) -> None:
+    """Print once: on rank 0 of a multi-process launch."""
+    if parallel.world()[0] == 0:
+        print(text)
 
 
 def _run_shapes(args: argparse.Namespace) -> None:
-    pipeline = _pipeline_loader(args)
+    pipeline, model = _answerer(args)
     n, seed = args.n or DEFAULT_N, HELDOUT_SEED if args.seed is None else args.seed
     results = []
     for shuffle in (False, True) if args.shuffle_images else (False,):
@@ -61,17 +82,19 @@ def _run_shapes(args: argparse.Namespace) -> None:
                 shapes_items(n, seed, shuffle),
                 pipeline,
                 split=split,
-                model=_model_name(args.model),
+                model=model,
                 out=args.out,
                 batch_size=args.batch_size,
             )
         )
-    print(shapes_table(*results))
-    print(f"{n} questions per type, seed {seed}; files in {args.out}/")
+    _say(shapes_table(*results))
+    _say(f"{n} questions per type, seed {seed}; files in {args.out}/")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """`cogvlm eval ...`: 0 on success; Ctrl-C says how to resume."""
+    """`cogvlm eval ...`: 0 on success; Ctrl-C says how to resume. Under torchrun / accelerate
+    launch the processes share the questions (see cogvlm.eval.parallel)."""
+    joined = parallel.init_from_env()
     try:
         if args.list:
             print(task_list())
@@ -85,21 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
         split = args.split or task.splits[0]
         items, skipped = load_items(task, args.data, split, args.limit)  # fail before loading the model
+        pipeline, model = _answerer(args)
         result = run(
-            task,
-            items,
-            _pipeline_loader(args),
-            split=split,
-            model=_model_name(args.model),
-            out=args.out,
-            batch_size=args.batch_size,
-            skipped=skipped,
+            task, items, pipeline, split=split, model=model, out=args.out, batch_size=args.batch_size, skipped=skipped
         )
-        print(format_result(result, args.out))
+        _say(format_result(result, args.out))
         return 0
     except KeyboardInterrupt:
         print("\ncogvlm eval: interrupted; the same command resumes where it stopped", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            parallel.shutdown()
 
 
 def register(sub: Any) -> None:
@@ -129,5 +149,13 @@ def register(sub: Any) -> None:
     shapes.add_argument(
         "--shuffle-images", action="store_true", help="also score with each question paired with another scene's image"
     )
+    served = p.add_argument_group("a served model instead of --model (docs/eval.md)")
+    served.add_argument(
+        "--api-base",
+        metavar="URL",
+        help="score a running OpenAI-compatible server (cogvlm serve), e.g. http://127.0.0.1:8000/v1",
+    )
+    served.add_argument("--api-key", metavar="KEY", help="the server's API key, if it needs one")
+    served.add_argument("--served-model", metavar="NAME", help="model name to ask for (default: the server's first)")
     add_loading_flags(p)
     p.set_defaults(func=cmd_eval)

@@ -4,7 +4,9 @@
     >>> evaluate_shapes(cogvlm.load(), n=100)["per_type"]["color"]
 
 Tasks read the benchmarks' official files from a local folder (nothing is downloaded); the
-files, prompts and metrics of each are in docs/eval.md. `cogvlm.cli.eval` is the command.
+files, prompts and metrics of each are in docs/eval.md. Answers come from a loaded pipeline or a
+served model (`ServedModel`); under torchrun the processes share the questions (`parallel`).
+`cogvlm.cli.eval` is the command.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from .metrics import caption_scores, vqa_accuracy
 from .runner import Answerer, evaluate, load_items, paper_cell, predict, run, summarise, summary_table
+from .served import ServedModel
 from .tasks import Item, Task, get_task, registry
 from .tasks.shapes import HELDOUT_SEED, SHAPES, evaluate_shapes, shapes_items
 
@@ -75,6 +78,7 @@ __all__ = [
     "Task",
     "Item",
     "Answerer",
+    "ServedModel",
     "vqa_accuracy",
     "caption_scores",
     "HELDOUT_SEED",

@@ -3,7 +3,8 @@
 `evaluate` asks a pipeline every question and summarises the scores (no files; the training
 loop uses it through `evaluate_shapes`). `run` does the same for the CLI and keeps, in `out`:
 - `{task}-{split}.predictions.jsonl`: a settings line, then one line per answer, appended and
-  flushed as answers arrive, so a rerun with the same settings asks only what is missing;
+  flushed as answers arrive, so a rerun with the same settings asks only what is missing (under
+  torchrun, one part per process, merged at the end: `predictions`, `parallel`);
 - `{task}-{split}.results.json`: settings, scores (overall and per type), counts, seconds and the
   paper's number;
 - `{task}-{split}.submission.json` for tasks with an evaluation server format;
@@ -13,12 +14,11 @@ All but the predictions are written atomically (temporary file, then os.replace)
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Protocol
@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import CogVLMError
 from ..fileio import atomic_write_text
+from . import parallel
+from .predictions import RunPredictions
 from .tasks import DOCS, Item, Task
 
 
@@ -152,53 +154,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- files
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-class PredictionLog:
-    """A run's predictions JSONL: a first line {"settings": ...}, then {"id", "answer", "raw"} per
-    answer. A rerun with other settings is refused; a torn line (a crash mid-write) is dropped."""
-
-    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
-        self.path, self.settings = path, settings
-
-    def resume(self) -> dict[str, str]:
-        """Raw answers already logged, by id; the file is rewritten clean (settings + answers)."""
-        rows: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            records = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-            if records:
-                self._check(records[0].get("settings", {}))
-                rows = {r["id"]: r for r in records[1:] if "id" in r and "raw" in r}
-        lines = [_json_line({"settings": self.settings})] + [_json_line(r) for r in rows.values()]
-        atomic_write_text(self.path, "".join(lines))
-        return {k: r["raw"] for k, r in rows.items()}
-
-    def _check(self, logged: dict[str, Any]) -> None:
-        changed = [f"{k}: {logged.get(k)!r} != {v!r}" for k, v in self.settings.items() if logged.get(k) != v]
-        if changed:
-            raise CogVLMError(
-                f"{self.path}: predictions of another run ({'; '.join(changed)}); use another --out or delete the file"
-            )
-
-    @contextlib.contextmanager
-    def appending(self, task: Task) -> Iterator[Callable[[Item, str], None]]:
-        """The function that logs one answer, each line flushed as it is written."""
-        with self.path.open("a", encoding="utf-8") as f:
-
-            def append(item: Item, raw: str) -> None:
-                f.write(_json_line({"id": item.id, "answer": task.clean(raw), "raw": raw}))
-                f.flush()
-
-            yield append
-
-
 def run(
     task: Task,
     items: Sequence[Item],
@@ -212,7 +167,11 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate with resumable predictions and write the run's files (see the module doc).
-    `pipeline` may be a function that loads it: it is called only if a question is left to ask."""
+    `pipeline` may be a function that loads it: it is called only if a question is left to ask.
+
+    Under torchrun / accelerate launch (a joined process group, see `parallel`) every process
+    answers its shard into its own part file; rank 0 then merges the parts, scores once and
+    writes the files, and every process returns rank 0's result."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task.name}-{split}"
@@ -224,17 +183,35 @@ def run(
         "prompt": task.prompt,
         "max_new_tokens": task.max_new_tokens,
     }
-    log = PredictionLog(out / f"{stem}.predictions.jsonl", settings)
+    rank, size = parallel.world()
+    files = RunPredictions(out, stem, settings)
     start = time.perf_counter()
-    answered = log.resume()
-    if not hasattr(pipeline, "batch") and any(i.id not in answered for i in items):
+    own = files.own(rank, size)
+    own.resume()  # each process cleans its own file before any process reads it
+    parallel.barrier()
+    answered = files.answered()
+    parallel.barrier()  # all have read the same answers before any process appends one
+    done = [i for i in items if i.id in answered]
+    mine = parallel.shard([i for i in items if i.id not in answered], rank, size)
+    if not hasattr(pipeline, "batch") and mine:
         pipeline = pipeline()
-    with log.appending(task) as append:
-        raw = predict(pipeline, task, items, batch_size, answered, append, progress)
+    with own.appending(task) as append:  # `done` only feeds the progress bar's running score
+        predict(pipeline, task, done + mine, batch_size, answered, append, progress and rank == 0)
+    parallel.barrier()
+    result = _finish(task, items, files, settings, skipped, start) if rank == 0 else None
+    return parallel.from_rank0(result)
+
+
+def _finish(
+    task: Task, items: Sequence[Item], files: RunPredictions, settings: dict[str, Any], skipped: int, start: float
+) -> dict[str, Any]:
+    """Merge the predictions, score them once and write the results, submission and summary."""
+    raw = files.merge(items)
     result = {**settings, "metric": task.metric, **summarise(task, items, raw)}
     result["counts"]["skipped_missing_images"] = skipped
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["paper"] = [vars(p) for p in task.paper]
+    stem, out = f"{task.name}-{settings['split']}", files.out
     atomic_write_text(out / f"{stem}.results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if task.submission is not None:
         answers = [task.clean(raw[i.id]) for i in items]

@@ -71,9 +71,9 @@ class Task:
 
 def registry() -> dict[str, Task]:
     """Every task by name (family modules are imported here, on first use)."""
-    from . import captioning, gqa, ocrvqa, refcoco, scienceqa, shapes, visual7w, vqa
+    from . import captioning, gqa, ocrvqa, refcoco, scienceqa, shapes, tdiuc, visual7w, vqa
 
-    families = (vqa, gqa, scienceqa, ocrvqa, captioning, refcoco, visual7w, shapes)
+    families = (vqa, gqa, scienceqa, ocrvqa, tdiuc, captioning, refcoco, visual7w, shapes)
     return {t.name: t for module in families for t in module.TASKS}
 
 
