@@ -4,6 +4,7 @@ Shapes in comments use: B batch, T tokens, S image side, P patches, N images,
 D decoder width, Dv ViT width, H heads, K head dim, V vocabulary.
 """
 
+from .batch import batch_infer
 from .config import PRESETS, CogVLMConfig, VisionConfig, get_preset
 from .dropin import CogVLMForCausalLM
 from .errors import CheckpointError, CogVLMError, ImageError, PromptError, SettingsError
@@ -15,6 +16,7 @@ __all__ = [
     "load",
     "Pipeline",
     "GroundingResult",
+    "batch_infer",
     "CogVLMForCausalLM",
     "CogVLMConfig",
     "VisionConfig",

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from ..errors import CogVLMError
-from . import answer, eval, serve, tools, train
+from . import answer, batch, eval, serve, tools, train
 from .options import Parser
 
 #: Optional packages and the extra that brings each (a missing one is named with its install line).
@@ -34,6 +34,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="cogvlm", description="CogVLM in plain PyTorch: chat, ask, ground, serve, eval, train.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     answer.register(sub)
+    batch.register(sub)
     serve.register(sub)
     eval.register(sub)
     train.register(sub, Parser)

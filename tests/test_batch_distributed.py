@@ -1,0 +1,44 @@
+"""Batch jobs across processes: torchrun (gloo, CPU) and a real local Ray cluster give one process's rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cogvlm.batch import batch_infer
+from cogvlm.batch.shard import shard_of
+from test_batch import data, one_thread_each, read_rows, reference, vlm  # noqa: F401 (fixtures)
+
+
+def test_two_processes_under_torchrun_give_the_rows_of_one_and_resume_what_one_began(data, vlm, reference, tmp_path):  # noqa: F811
+    photo_ids = [row["id"] for row in reference["rows"]][:6]
+    assert {shard_of(i, 2) for i in photo_ids} == {0, 1}  # both processes have work
+    out = tmp_path / "rows.jsonl"
+    begun = batch_infer(data["manifest"], out, model=vlm)  # one process did the manifest
+    assert (begun.done, begun.failed) == (2, 1)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+        *("-m", "cogvlm.cli", "batch", str(data["photos"]), str(data["manifest"]), "--out", str(out)),
+        *("--device", "cpu", "--no-progress"),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "6 done, 2 skipped, 3 failed" in run.stderr  # no image answered twice, none left out
+    assert read_rows(out) == reference["rows"]
+    assert {e["id"] for e in read_rows(out.with_name("rows.jsonl.errors.jsonl"))} == {
+        "broken.png",
+        "deep/cut.png",
+        "gone",
+    }
+    assert not out.with_name("rows.jsonl.parts").exists()
+
+
+def test_a_local_ray_cluster_with_two_cpu_actors_gives_the_rows_of_one_process(data, reference, tmp_path):  # noqa: F811
+    import ray
+
+    out = tmp_path / "rows.jsonl"
+    summary = batch_infer([data["photos"], data["manifest"]], out, ray="local", ray_actors=2, batch_size=4)
+    assert (summary.done, summary.skipped, summary.failed) == (8, 0, 3)
+    assert read_rows(out) == reference["rows"]
+    assert {e["id"] for e in read_rows(summary.errors)} == {"broken.png", "deep/cut.png", "gone"}
+    assert not ray.is_initialized()  # the instance started for the job is stopped after it
