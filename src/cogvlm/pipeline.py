@@ -15,7 +15,7 @@ import torch
 from . import loading
 from .dropin import CogVLMForCausalLM
 from .errors import PromptError
-from .generation import BatchDecoder, GenerationConfig
+from .generation import BatchDecoder, BeamSettings, GenerationConfig, beam_search
 from .grounding import Box, parse_boxes
 from .image import ImageInput, load_image
 from .loading import DEFAULT_MODEL, LoadOptions
@@ -114,10 +114,34 @@ class Pipeline:
         samples = [
             self.build(r["query"], r.get("image"), r.get("history"), r.get("template_version")) for r in requests
         ]
+        search = {k: gen.pop(k) for k in ("num_beams", "length_penalty", "early_stopping") if k in gen}
         configs = [self._config(s, dict(gen)) for s in samples]
+        if search.get("num_beams", 1) > 1:
+            return self._beam_answers(samples, configs, **search)
         answers = [""] * len(samples)
         for row, piece in self.generate(samples, configs):
             answers[row] += piece
+        return answers
+
+    def _beam_answers(
+        self,
+        samples: Sequence[dict[str, Any]],
+        configs: Sequence[GenerationConfig],
+        num_beams: int,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+    ) -> list[str]:
+        """Each request's best beam (`batch(..., num_beams=N)`), as text with its stop strings applied."""
+        pad = self.tokenizer.pad_token_id
+        batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
+        batch["images"] = [[img.to(self.model.dtype) for img in imgs] for imgs in batch["images"]]
+        eos = stop_token_ids(self.tokenizer, self.model.config)
+        settings = BeamSettings(num_beams, min(c.max_new_tokens for c in configs), length_penalty, early_stopping)
+        answers = []
+        for config, (best, *_) in zip(configs, beam_search(self.model, batch, settings, tuple(eos))):
+            stream = TextStream(self.tokenizer, config.stop)
+            text = "".join(stream.push(t) for t in best.tokens if t not in eos and not stream.stopped)
+            answers.append(text + stream.finish())
         return answers
 
     def chat(

@@ -1,4 +1,5 @@
-"""Running a task: batched greedy answers, scores, and the files of a run.
+"""Running a task: batched answers (greedy, or beam search where the task sets num_beams), scores,
+and the files of a run.
 
 `evaluate` asks a pipeline every question and summarises the scores (no files; the training
 loop uses it through `evaluate_shapes`). `run` does the same for the CLI and keeps, in `out`:
@@ -79,6 +80,12 @@ def _request(task: Task, item: Item) -> dict[str, Any]:
     return {"query": item.query, "image": item.image, "template_version": item.template or task.template}
 
 
+def _beams(task: Task) -> dict[str, int]:
+    """The task's beams as a generation setting; none when greedy, so greedy runs (and answerers
+    that take only max_new_tokens, such as a served model) are asked as before."""
+    return {} if task.num_beams == 1 else {"num_beams": task.num_beams}
+
+
 def predict(
     pipeline: Answerer,
     task: Task,
@@ -88,7 +95,8 @@ def predict(
     on_answer: Callable[[Item, str], None] | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
-    """Raw answers by item id: those in `answered` are kept, the others asked in batches (greedy).
+    """Raw answers by item id: those in `answered` are kept, the others asked in batches (greedy,
+    or the task's num_beams).
     `on_answer` sees each new answer as it arrives; the progress bar shows the running score."""
     if batch_size < 1:
         raise CogVLMError(f"batch size must be >= 1 (got {batch_size})")
@@ -107,7 +115,9 @@ def predict(
     ) as bar:
         for chunk in _batches(todo, task, batch_size):
             texts = pipeline.batch(
-                [_request(task, i) for i in chunk], max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens
+                [_request(task, i) for i in chunk],
+                max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens,
+                **_beams(task),
             )
             for item, text in zip(chunk, texts, strict=True):
                 raw[item.id] = text
@@ -182,6 +192,7 @@ def run(
         "template": task.template,
         "prompt": task.prompt,
         "max_new_tokens": task.max_new_tokens,
+        **_beams(task),  # beam answers never resume a greedy file, nor greedy ones a beam file
     }
     rank, size = parallel.world()
     files = RunPredictions(out, stem, settings)

@@ -1,6 +1,9 @@
-"""Choosing the next token from logits: repetition penalty, greedy, temperature, top-k, top-p."""
+"""Choosing the next token from logits: repetition penalty, greedy, temperature, top-k, top-p;
+and the seed rule of a sampled batch (`row_seeds`)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -31,3 +34,15 @@ def sample(
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def row_seeds(configs: Sequence[GenerationConfig]) -> list[GenerationConfig]:
+    """The seed rule of a batch: row i of a seeded, sampled batch draws with seed + i (modulo
+    2**64, the range of torch seeds), so it samples exactly what it would alone with seed + i.
+    Rows of one seed differ (four copies of a prompt give four samples) and stay reproducible;
+    row 0 keeps the seed, so a batch of one is the request alone. Greedy and unseeded rows are
+    returned as they are."""
+    return [
+        c.replace(seed=(c.seed + i) % 2**64 if i else c.seed) if c.do_sample and c.seed is not None else c
+        for i, c in enumerate(configs)
+    ]

@@ -67,6 +67,7 @@ class Task:
     paper: tuple[Paper, ...] = ()
     skip_missing_images: bool = False  # OCR-VQA: some source URLs are dead
     files: str = ""  # one-line summary of the expected layout (for --list)
+    num_beams: int = 1  # > 1: beam search (a captioning setting; 1 is greedy, as the official evals)
 
 
 def registry() -> dict[str, Task]:

@@ -4,6 +4,10 @@ Prompt: the `base` template with "A suitable caption for this image would be:", 
 cut to the first sentence (`clean_caption`). Scores over the whole split through pycocoevalcap
 (`caption_scores`); NoCaps also gets CIDEr per domain. The paper's captioning numbers come from
 checkpoints fine-tuned on each dataset: a chat model zero-shot scores lower.
+
+Decoding is greedy (`NUM_BEAMS` 1), as the official evaluation script decodes (THUDM/CogVLM
+finetune_demo/evaluate_cogvlm_demo.py: top-k 1; its 5-beam strategy is commented out). Beam
+search is the task's `num_beams`: `dataclasses.replace(task, num_beams=5)`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..metrics.caption import caption_scores, clean_caption
 from . import Item, Paper, Task, layout, read_json
 
 CAPTION_PROMPT = "A suitable caption for this image would be:"
+NUM_BEAMS = 1  # greedy, as the official evaluation
 Loader = Callable[[Path, str], Iterator[Item]]
 
 
@@ -100,6 +105,7 @@ def _task(name: str, splits: tuple[str, ...], load: Loader, files: str, paper: t
         corpus=corpus_scores,
         paper=paper,
         files=files,
+        num_beams=NUM_BEAMS,
     )
 
 
