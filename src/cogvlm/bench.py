@@ -2,7 +2,8 @@
 
 A random model of the preset is saved to a temporary folder (so loading is measured on real
 files), then: load time and peak RSS while loading (in a fresh process); vision encode seconds
-per image; time to first token of an image prompt; decode tokens/s at batch 1 and batch B; and
+per image; time to first token of an image prompt; decode tokens/s at batch 1 and batch B; the
+KV cache's size (grouped-query attention: the KV heads only) and this process's peak RSS; and
 the roofline: weight (and KV) bytes a decode step must read over this machine's measured memory
 bandwidth, against the step time achieved.
 """
@@ -61,6 +62,14 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best
 
 
+def _peak_rss() -> int:
+    """Peak resident bytes of this process so far (Linux and macOS report different units)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
@@ -79,9 +88,15 @@ def _decode_bytes(model: CogVLMForCausalLM, context: int, batch: int) -> int:
         for n, p in model.named_parameters()
         if not n.startswith("model.vision") and "vision_" not in n and "embed_tokens" not in n
     )
+    return weights + _kv_bytes(model, context, batch)
+
+
+def _kv_bytes(model: CogVLMForCausalLM, context: int, batch: int) -> int:
+    """Bytes of the KV cache for `batch` rows of `context` tokens: keys and values of the KV heads
+    only (grouped-query attention: CogVLM2 keeps a quarter of the query heads' width)."""
     cfg = model.config
-    kv = 2 * cfg.num_hidden_layers * batch * context * cfg.hidden_size * model.lm_head.weight.element_size()
-    return weights + kv
+    width = cfg.num_kv_heads * cfg.head_dim
+    return 2 * cfg.num_hidden_layers * batch * context * width * model.lm_head.weight.element_size()
 
 
 def run_bench(
@@ -148,10 +163,15 @@ def run_bench(
     run(1, 2)  # warm-up
     ttft, step1 = run(1, new_tokens)
     _, step_b = run(batch, new_tokens)
-    context = len(request(0)["input_ids"]) + new_tokens
+    prompt = len(request(0)["input_ids"])
+    context = prompt + new_tokens
     bandwidth = memory_bandwidth()
     floor = _decode_bytes(model, context, 1) / bandwidth
     figures |= {
+        "image_tokens": config.image_tokens,
+        "prompt_tokens": prompt,
+        "kv_cache_MB_b1": round(_kv_bytes(model, context, 1) / 1e6, 1),
+        f"kv_cache_MB_b{batch}": round(_kv_bytes(model, context, batch) / 1e6, 1),
         "ttft_s": round(ttft, 4),
         "decode_tok_s_b1": round(1 / step1, 2),
         f"decode_tok_s_b{batch}": round(batch / step_b, 2),
@@ -160,6 +180,7 @@ def run_bench(
         "roofline_step_ms_b1": round(floor * 1e3, 3),
         "decode_step_ms_b1": round(step1 * 1e3, 3),
         "roofline_pct_b1": round(100 * floor / step1, 1),
+        "peak_rss_MB": round(_peak_rss() / 1e6, 1),
     }
     width = max(map(len, figures))
     for key, value in figures.items():

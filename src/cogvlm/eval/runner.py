@@ -117,6 +117,7 @@ def predict(
             texts = pipeline.batch(
                 [_request(task, i) for i in chunk],
                 max_new_tokens=chunk[0].max_new_tokens or task.max_new_tokens,
+                do_sample=False,  # scores are of greedy answers, whatever the folder's generation_config says
                 **_beams(task),
             )
             for item, text in zip(chunk, texts, strict=True):

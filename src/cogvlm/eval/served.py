@@ -119,9 +119,11 @@ class ServedModel:
         except (KeyError, IndexError, TypeError):
             raise CogVLMError(f"{self.root}/chat/completions: a reply without choices[0].message.content") from None
 
-    def batch(self, requests: Sequence[dict[str, Any]], max_new_tokens: int = 16, **gen: Any) -> list[str]:
-        """The answers to `requests`, asked concurrently."""
-        if gen:
+    def batch(
+        self, requests: Sequence[dict[str, Any]], max_new_tokens: int = 16, do_sample: bool = False, **gen: Any
+    ) -> list[str]:
+        """The greedy answers to `requests` (temperature 0), asked concurrently."""
+        if gen or do_sample:
             raise CogVLMError(f"a served model takes only max_new_tokens here (got {', '.join(gen)})")
         with ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
             return list(pool.map(lambda r: self.ask(r, max_new_tokens), requests))

@@ -207,12 +207,13 @@ def save_model(
     source = Path(source or getattr(model, "name_or_path", "") or folder)
     config = model.config.replace(torch_dtype=str(model.dtype).replace("torch.", ""))
     save_state_dict(model.state_dict(), folder, max_shard_size)
+    written = config.to_dict()  # eos as config.json has it: CogVLM2's is the list [128001, 128009]
     generation = {
         "_from_model_config": True,
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
+        "eos_token_id": written["eos_token_id"],
         "pad_token_id": config.pad_token_id,
-        "transformers_version": "4.35.0",
+        "transformers_version": written["transformers_version"],
     }
     if source.is_dir() and source.resolve() != folder.resolve():
         for code in source.glob("*.py"):

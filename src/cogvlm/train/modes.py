@@ -2,8 +2,9 @@
 
 - from_scratch: everything trains (with a `model` folder this is a full fine-tune).
 - expert: CogVLM's recipe. The language model is frozen (embed_tokens, language experts, norms,
-  lm_head); the vision experts start as copies of the language experts and train together with
-  the adapter (linear_proj, boi, eoi), plus the ViT with `train_vit`.
+  lm_head); the vision experts (CogVLM2's QKV bias included) start as copies of the language
+  experts and train together with the adapter (linear_proj, boi, eoi, and CogVLM2's stride-2
+  conv), plus the ViT with `train_vit`.
 - lora: peft LoRA on `lora_targets` (default: the vision experts' QKV, dense and MLP); the base
   stays frozen. A LoRA checkpoint is a peft adapter folder whose `base_model_name_or_path` names
   the base checkpoint; `merge_lora` folds it into a plain official-layout checkpoint.
@@ -27,6 +28,7 @@ from torch import nn
 from ..config import CogVLMConfig, get_preset
 from ..dropin import CogVLMForCausalLM
 from ..loading.files import resolve_dtype
+from ..tokenizer import copy_tokenizer_files
 from .config import TrainConfig, TrainError
 
 #: The model's parameters in four disjoint parts, as glob patterns over official names.
@@ -40,7 +42,8 @@ PARTS: dict[str, tuple[str, ...]] = {
         "lm_head.*",
     ),
     "vision_experts": ("model.layers.*.vision_expert_*", "model.layers.*.vision_mlp.*"),
-    "adapter": ("model.vision.linear_proj.*", "model.vision.boi", "model.vision.eoi"),
+    # CogVLM2's stride-2 conv is CogVLM2's own, between the pretrained EVA2-CLIP and the GLU: adapter.
+    "adapter": ("model.vision.linear_proj.*", "model.vision.boi", "model.vision.eoi", "model.vision.conv.*"),
     "vit": ("model.vision.patch_embedding.*", "model.vision.transformer.*"),
 }
 _WRAPPER_PREFIXES = ("base_model.model.", "cogvlm.")  # peft's; the patches objective's
@@ -68,10 +71,14 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 
 @torch.no_grad()
 def copy_language_to_vision(model: CogVLMForCausalLM) -> None:
-    """Start every vision expert as a copy of its layer's language expert (CogVLM's init)."""
+    """Start every vision expert as a copy of its layer's language expert (CogVLM's init), so that
+    each computes what the language model computes. CogVLM2's vision QKV has a bias that its
+    language QKV lacks: it starts at zero, the copy of no bias (it trains with the expert)."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.vision_expert_query_key_value.weight.copy_(attn.language_expert_query_key_value.weight)
+        if attn.vision_expert_query_key_value.bias is not None:
+            attn.vision_expert_query_key_value.bias.zero_()
         attn.vision_expert_dense.weight.copy_(attn.language_expert_dense.weight)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             getattr(mlp.vision_mlp, proj).weight.copy_(getattr(mlp.language_mlp, proj).weight)
@@ -147,7 +154,9 @@ def load_weights(model: nn.Module, folder: Path) -> None:
 
 
 def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Fold a LoRA checkpoint into its base and write a plain official-layout checkpoint."""
+    """Fold a LoRA checkpoint into its base and write a plain official-layout checkpoint: config.json,
+    generation_config.json and the remote-code files as the base has them, and the base's tokenizer
+    files when it ships some (CogVLM2 does), so the folder loads on its own."""
     from peft import PeftConfig, PeftModel
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -159,6 +168,7 @@ def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     base = CogVLMForCausalLM.from_pretrained(base_path)
     merged = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
+    copy_tokenizer_files(base_path, out_dir)
     return out_dir
 
 
