@@ -170,3 +170,291 @@ def test_prompt_too_long(vlm):
 
     with pytest.raises(PromptError, match="prompt too long"):
         vlm.chat("word " * 3000)
+
+
+# ---- the decode state: slots reserved once, rows joining and leaving in place ----------------
+
+
+def _lone_logits(model, sample, tokens: list[int]) -> torch.Tensor:
+    """Logits predicting each of `tokens` (N, V), from one full forward over prompt + tokens:
+    no cache, so an expectation the slot code does not produce."""
+    ids = torch.cat((sample["input_ids"], torch.tensor(tokens[:-1], dtype=torch.long)))
+    types = torch.cat((sample["token_type_ids"], torch.zeros(len(tokens) - 1, dtype=torch.long)))
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], token_type_ids=types[None], images=[list(sample["images"] or [])]).logits
+    return logits[0, len(sample["input_ids"]) - 1 :]
+
+
+def _admit(state, vlm, sample, config=GenerationConfig()):
+    """Prefill one built sample into the state's lowest free slot: (its Row, its logits (1, V))."""
+    from cogvlm.generation.decoder import Row
+
+    device = state.cache.index.device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate([sample]).items()}
+    batch["images"] = [[img.to(device) for img in imgs] for imgs in batch["images"]]
+    row = Row(config, sample["input_ids"])
+    return row, state.admit([row], batch)
+
+
+def test_rows_join_free_slots_and_leave_in_place(vlm, images):
+    """Rows join at different steps (an image prompt among text ones), one leaves and a newcomer
+    takes its slot: each row's logits at every step equal its lone full forward, and the cache is
+    the same memory throughout."""
+    from cogvlm.generation.decoder import DecodeState, pick_tokens
+
+    model = vlm.model
+    samples = [
+        vlm.build("What is a cat?"),
+        vlm.build("Describe this image.", images[0]),
+        vlm.build("Where is the dog?", images[1], [("What is in the image?", "a red cat.")]),
+        vlm.build("A picture of"),
+    ]
+    state = DecodeState(model, 3, 160)
+    memory = [(k.data_ptr(), v.data_ptr()) for k, v in state.cache.layers]
+    rows, seen = [], []  # each row, and the logits it got at each step
+
+    def join(i):
+        row, logits = _admit(state, vlm, samples[i])
+        rows.append(row)
+        seen.append([logits[0]])
+        row.tokens.append(int(logits[0].argmax()))
+
+    with torch.no_grad():
+        join(0)
+        for step in range(14):
+            if step == 2:
+                join(1)
+            if step == 4:
+                join(2)
+                assert [r.slot for r in rows] == [0, 1, 2]
+            if step == 6:
+                state.release(rows[0])  # slot 0 freed in place ...
+                assert state.top() == 3 and state.free == 1
+            if step == 8:
+                join(3)  # ... and taken by the next newcomer
+                assert rows[3].slot == 0
+            live = [r for r in rows if r.slot >= 0]
+            state.feed(live)
+            logits = state.select(state.step(), live)
+            for row, token in zip(live, pick_tokens(logits, live)):
+                seen[rows.index(row)].append(logits[live.index(row)])
+                row.tokens.append(token)
+    assert [(k.data_ptr(), v.data_ptr()) for k, v in state.cache.layers] == memory
+    for row, built, got in zip(rows, samples, seen):
+        assert len(got) == len(row.tokens) > 5
+        torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
+
+
+def test_a_failed_step_changes_nothing(vlm):
+    """A decode step that raises can be made again: it left every row as it was."""
+    from cogvlm.generation.decoder import DecodeState
+
+    state = DecodeState(vlm.model, 2, 64)
+    row, logits = _admit(state, vlm, vlm.build("What is a cat?"))
+    row.tokens.append(int(logits[0].argmax()))
+    state.feed([row])
+    before = (state.cache.index.clone(), state.positions.clone(), row.length)
+    real = state.model
+    state.model = lambda **inputs: (real(**inputs), 1 / 0)[1]  # writes the cache, then raises
+    with pytest.raises(ZeroDivisionError):
+        state.step()
+    state.model = real
+    assert torch.equal(state.cache.index, before[0]) and torch.equal(state.positions, before[1])
+    assert row.length == before[2]
+    with torch.no_grad():
+        again = state.step()
+    torch.testing.assert_close(again[0], _lone_logits(vlm.model, vlm.build("What is a cat?"), row.tokens + [0])[1])
+
+
+def test_pick_marks_rows_whose_logits_are_not_finite():
+    from cogvlm.generation.decoder import NON_FINITE, SAMPLER_FAILED, Row, pick_tokens
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [float("nan"), 1.0, 0.0], [0.0, float("inf"), 1.0], [0.0, 1.0, 5.0]])
+    prompt = torch.tensor([0])
+    rows = [Row(GenerationConfig(), prompt) for _ in range(3)]
+    rows.append(Row(GenerationConfig(do_sample=True, seed=1), prompt, generator=torch.Generator().manual_seed(1)))
+    assert pick_tokens(logits, rows) == [1, NON_FINITE, NON_FINITE, 2]
+    broken = Row(GenerationConfig(do_sample=True), prompt, generator="not a generator")  # its sampler raises
+    assert pick_tokens(logits[:1], [broken]) == [SAMPLER_FAILED]
+
+
+def test_slots_that_fit_the_free_memory(reference_model, monkeypatch):
+    from cogvlm.generation import cache
+
+    per_slot = sum(cache.slot_bytes(reference_model, 2048).values())
+    assert per_slot == cache.SlotCache(reference_model, 1, 2048).nbytes
+    free = (cache.PREFILL_RESERVE + 5.5 * per_slot) / cache.FREE_SHARE
+    monkeypatch.setattr(cache, "_free_bytes", lambda device: free)
+    assert cache.slots_that_fit(reference_model, 2048, cap=32) == 5
+    assert cache.slots_that_fit(reference_model, 2048, cap=3) == 3
+    assert cache.slots_that_fit(reference_model, 1024, cap=32) == 11
+    monkeypatch.setattr(cache, "_free_bytes", lambda device: 0)
+    assert cache.slots_that_fit(reference_model, 2048, cap=32) == 1
+
+
+class HostTensor(torch.Tensor):
+    """A tensor the decode state keeps on the host on purpose (a decode step's token types):
+    reading it costs no device sync. Ops on it give HostTensors (torch's subclass rules)."""
+
+
+#: Tensor methods that read a device tensor back to the host (a sync on CUDA).
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy", "to")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts, while `counting` is set, every call that would sync a CUDA device with the host:
+    the READS methods (`.to` only towards the CPU), boolean-mask indexing, and `torch.nonzero`;
+    calls on HostTensors are free."""
+    calls: list[str] = []
+    counting = [False]
+
+    def towards_host(args, kwargs) -> bool:
+        targets = list(args) + [kwargs.get("device")]
+        return any(str(t) == "cpu" or isinstance(t, torch.device) and t.type == "cpu" for t in targets)
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if counting[0] and not isinstance(self, HostTensor):
+                if name != "to" or towards_host(args, kwargs):
+                    calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    def indexing(original):
+        def counted(self, index, *rest):
+            keys = index if isinstance(index, tuple) else (index,)
+            if counting[0] and any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+                calls.append("boolean index")
+            return original(self, index, *rest)
+
+        return counted
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", indexing(torch.Tensor.__getitem__))
+    monkeypatch.setattr(torch.Tensor, "__setitem__", indexing(torch.Tensor.__setitem__))
+    monkeypatch.setattr(torch, "nonzero", wrap("torch.nonzero", torch.nonzero))
+
+    class Counter:
+        def __enter__(self):
+            counting[0] = True
+            return calls
+
+        def __exit__(self, *exc):
+            counting[0] = False
+
+    return Counter()
+
+
+def test_a_decode_step_reads_nothing_back_to_the_host(vlm, images, host_reads):
+    """The step (positions, write index, masks, the network's forward) issues no call that would
+    sync a CUDA device; the one read, the picked tokens, comes after it."""
+    from cogvlm.generation.decoder import DecodeState, pick_tokens
+
+    state = DecodeState(vlm.model, 4, 128)
+    state.types = state.types.as_subclass(HostTensor)
+    rows = []
+    with torch.no_grad():
+        for sample in (vlm.build("Describe this image.", images[0]), vlm.build("What is a cat?")):
+            row, logits = _admit(state, vlm, sample)
+            row.tokens.append(int(logits[0].argmax()))
+            rows.append(row)
+        for _ in range(3):
+            state.feed(rows)
+            with host_reads as calls:
+                logits = state.step()
+            for row, token in zip(rows, pick_tokens(state.select(logits, rows), rows)):
+                row.tokens.append(token)
+    assert calls == []
+    with host_reads as calls:  # the counter counts
+        int(logits[0, 0]), logits[0].tolist(), state.cache.mask[state.cache.mask], logits.to("cpu")
+    assert calls == ["__int__", "tolist", "boolean index", "to"]
+
+
+def test_cuda_graph_buckets_are_captured_once_and_read_the_state_in_place(vlm, monkeypatch):
+    """The CUDA-graph path, on the CPU: a fake capture that keeps the step function (bound to the
+    state's tensors at capture) and replays it into the captured output, as a graph would. Each
+    bucket is captured once; replays give the eager logits, so the state is only ever updated in
+    place between steps."""
+    from cogvlm.generation.decoder import MIN_GRAPH_COLUMNS, DecodeGraphs, DecodeState
+
+    captured = []
+
+    def capture(self, step):
+        out = step()
+        captured.append(out)
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    graphed, eager = DecodeState(vlm.model, 4, 300, graphs=True), DecodeState(vlm.model, 4, 300)
+    assert graphed.graphs.bucket(3, 129) == (4, 256) and graphed.graphs.bucket(1, 2) == (1, MIN_GRAPH_COLUMNS)
+    assert graphed.graphs.bucket(4, 299) == (4, 300)  # capped by the cache
+    prompts = [vlm.build("What is a cat?"), vlm.build("Describe the dog."), vlm.build("A picture of")]
+    answers = []
+    with torch.no_grad():
+        for state in (graphed, eager):
+            rows = []
+            for i, sample in enumerate(prompts):
+                row, logits = _admit(state, vlm, sample)
+                row.tokens.append(int(logits[0].argmax()))
+                rows.append(row)
+                for _ in range(4 + 3 * i):
+                    state.feed(rows)
+                    logits = state.select(state.step(), rows)
+                    for row, scores in zip(rows, logits):
+                        row.tokens.append(int(scores.argmax()))
+            answers.append([r.tokens for r in rows])
+    assert answers[0] == answers[1]
+    assert set(graphed.graphs.graphs) == {(1, 128), (2, 128), (4, 128)}
+    assert len(captured) == 3
+
+    def cannot(self, step):
+        step()  # the warm-up ran, then the capture failed
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "capture", cannot)
+    state = DecodeState(vlm.model, 2, 64, graphs=True)
+    row, logits = _admit(state, vlm, prompts[0])
+    row.tokens.append(int(logits[0].argmax()))
+    with torch.no_grad():
+        for _ in range(3):
+            state.feed([row])
+            row.tokens.append(int(state.step()[0].argmax()))
+    assert state.graphs is None and row.tokens == answers[1][0][: len(row.tokens)]
+
+
+@pytest.mark.gpu
+def test_cuda_decode_step_never_syncs_and_graphs_equal_eager(reference_model, reference_tokenizer):
+    """On a GPU: no synchronising call inside a step (CUDA's sync debug mode raises on one), and
+    the CUDA-graph steps give the eager steps' tokens."""
+    from cogvlm.generation.decoder import DecodeState
+
+    model = reference_model.to("cuda")
+    vlm = Pipeline(model, reference_tokenizer)
+    try:
+        answers = []
+        for graphs in (False, True):
+            state = DecodeState(model, 4, 256, graphs=graphs)
+            assert (state.graphs is not None) == graphs
+            rows = []
+            with torch.no_grad():
+                for sample in (vlm.build("What is a cat?"), vlm.build("Describe the dog.")):
+                    row, logits = _admit(state, vlm, sample)
+                    row.tokens.append(int(logits[0].argmax()))
+                    rows.append(row)
+                for i in range(12):
+                    state.feed(rows)
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error" if i else "default")  # the first step captures
+                    try:
+                        logits = state.step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                    for row, scores in zip(rows, state.select(logits, rows)):
+                        row.tokens.append(int(scores.argmax()))
+            answers.append([r.tokens for r in rows])
+        assert answers[0] == answers[1]
+    finally:
+        reference_model.to("cpu")

@@ -9,11 +9,15 @@ import io
 import logging
 import threading
 import time
+import weakref
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cogvlm.generation import GenerationConfig
 from cogvlm.pipeline import Pipeline
@@ -29,10 +33,11 @@ HISTORY = [
 
 
 class Instrumented:
-    """The model, recording (batch, tokens) of every call; optionally slower, or failing once."""
+    """The model, recording (batch, tokens) of every call; optionally slower, or failing at the
+    calls numbered in `fail_at_calls` (1-based)."""
 
-    def __init__(self, model, delay: float = 0.0, fail_at_call: int | None = None) -> None:
-        self.inner, self.delay, self.fail_at_call = model, delay, fail_at_call
+    def __init__(self, model, delay: float = 0.0, fail_at_calls: tuple[int, ...] = ()) -> None:
+        self.inner, self.delay, self.fail_at_calls = model, delay, fail_at_calls
         self.calls: list[tuple[int, int]] = []
 
     def __getattr__(self, name):
@@ -40,7 +45,7 @@ class Instrumented:
 
     def __call__(self, **inputs):
         self.calls.append(tuple(inputs["input_ids"].shape))
-        if len(self.calls) == self.fail_at_call:
+        if len(self.calls) in self.fail_at_calls:
             raise RuntimeError("scripted failure at /secret/path 0xdeadbeef")
         time.sleep(self.delay)
         return self.inner(**inputs)
@@ -62,7 +67,7 @@ def images(reference_dir):
 
 
 def engine_for(vlm, **settings) -> tuple[Engine, Instrumented]:
-    model = Instrumented(vlm.model, delay=settings.pop("delay", 0.0), fail_at_call=settings.pop("fail_at_call", None))
+    model = Instrumented(vlm.model, delay=settings.pop("delay", 0.0), fail_at_calls=settings.pop("fail_at_calls", ()))
     return Engine(Pipeline(model, vlm.tokenizer), EngineSettings(**settings)).start(), model
 
 
@@ -122,6 +127,20 @@ def test_a_request_joins_the_running_batch_and_matches_alone(vlm, images):
     assert len(longer["input_ids"]) > len(first["input_ids"]) + 80  # so the running rows were shifted right
 
 
+def test_max_batch_defaults_to_the_slots_that_fit_the_free_memory(vlm, monkeypatch):
+    from cogvlm.generation import cache
+
+    per_slot = sum(cache.slot_bytes(vlm.model, vlm.context_length).values())
+    monkeypatch.setattr(
+        cache, "_free_bytes", lambda device: (cache.PREFILL_RESERVE + 3.5 * per_slot) / cache.FREE_SHARE
+    )
+    engine = Engine(vlm, EngineSettings())
+    assert engine.max_batch == 3 and engine._state.cache.nbytes == 3 * per_slot
+    assert Engine(vlm, EngineSettings(max_batch=5)).max_batch == 5  # --max-batch N still decides
+    monkeypatch.setattr(cache, "_free_bytes", lambda device: 10**15)
+    assert Engine(vlm, EngineSettings()).max_batch == 32  # MAX_AUTO_BATCH
+
+
 def test_seeded_sampling_is_isolated_in_a_batch(vlm, images):
     settings = [dict(do_sample=True, temperature=1.3, top_k=40, seed=s, max_new_tokens=25) for s in (1, 2)]
     samples = [vlm.build("Describe this image.", img) for img in images[:2]]
@@ -176,7 +195,7 @@ async def finish_one(engine, sample, config):
 
 
 def test_a_model_failure_fails_its_requests_not_the_worker(vlm, caplog):
-    engine, _ = engine_for(vlm, fail_at_call=3)
+    engine, _ = engine_for(vlm, fail_at_calls=(3, 4))  # a decode step, and the row's step alone after it
     sample = vlm.build("Hi")
     try:
         with caplog.at_level(logging.ERROR, "cogvlm.serve"):
@@ -296,7 +315,7 @@ def test_the_time_limit_over_http(vlm):
 
 
 def test_a_model_failure_is_a_generic_500_logged_with_the_request_id(vlm, caplog):
-    with serve(vlm, Instrumented(vlm.model, fail_at_call=2)) as url:
+    with serve(vlm, Instrumented(vlm.model, fail_at_calls=(2, 3))) as url:  # a step and its retry alone
         with caplog.at_level(logging.ERROR, "cogvlm.serve"):
             response = httpx.post(url + "/v1/chat/completions", json=body("Hi", max_tokens=5))
     assert response.status_code == 500
@@ -330,3 +349,112 @@ def test_503_while_loading(vlm):
     assert health.status_code == 503 and health.json()["status"] == "loading"
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_loading"
     assert ready.status_code == 200
+
+
+# ---- memory: reserved once ----------------------------------------------------------------
+
+
+class PeakAllocation(TorchDispatchMode):
+    """Bytes of tensor storage that ops under this mode allocate and that are alive at once:
+    `peak` is the most, over the mode's life (a storage an op's output shares with one of its
+    inputs, a view or an in-place write, is not new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat_in = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        known = {t.untyped_storage().data_ptr() for t in flat_in}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in known and storage not in self._tracked:
+                self._tracked.add(storage)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, storage.nbytes())
+            known.add(storage.data_ptr())
+        return out
+
+    _tracked: "weakref.WeakSet" = None
+
+    def __enter__(self):
+        self._tracked = weakref.WeakSet()
+        return super().__enter__()
+
+
+def long_run(engine, samples) -> list:
+    """24 requests arriving every 10 ms, so they join a running batch, and finishing after 4 to 32
+    tokens: the results of all."""
+
+    async def scenario():
+        jobs = []
+        for i in range(24):
+            config = GenerationConfig(max_new_tokens=4 + 7 * (i % 5))
+            jobs.append(engine.submit(samples[i % len(samples)], config, str(i)))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*map(finish, jobs))
+
+    try:
+        return run(scenario())
+    finally:
+        engine.close()
+
+
+def memory_samples(vlm, images) -> list:
+    questions = [("Describe this image.", images[0], None), ("What is a cat?", None, None)]
+    questions += [("Where is the dog?", images[1], HISTORY), ("A picture of", images[2], None)]
+    return [vlm.build(q, img, history) for q, img, history in questions]
+
+
+def test_peak_memory_stays_within_the_cache_budget(vlm, images):
+    """A long run, requests joining and finishing every few steps (images, history, text): the
+    worker allocates no more than 5% of the KV cache on top of it. The cache is reserved once and
+    a join copies nothing of the batch's (the old engine's re-layout allocated a whole new cache
+    at each join and growth: twice the cache at peak)."""
+    peaks = []
+
+    class Metered(Engine):
+        def _run(self):
+            with PeakAllocation() as meter:
+                super()._run()
+            peaks.append(meter.peak)
+
+    model = Instrumented(vlm.model)
+    engine = Metered(Pipeline(model, vlm.tokenizer), EngineSettings(max_batch=6, max_queue=64)).start()
+    results = long_run(engine, memory_samples(vlm, images))
+    assert all(end.kind == "done" for _, end in results)
+    assert max(model.decode_batch_sizes()) >= 4  # requests joined a running batch
+    budget = engine._state.cache.nbytes
+    print(f"KV cache {budget / 2**20:.2f} MiB; worker's peak allocation on top {peaks[0] / 2**20:.3f} MiB")
+    assert peaks[0] <= 0.05 * budget
+
+
+@pytest.mark.gpu
+def test_peak_cuda_memory_stays_within_the_cache_budget(reference_model, reference_tokenizer, images):
+    """On a GPU, CUDA graphs on: torch.cuda.max_memory_allocated over the same run, less what was
+    allocated before the engine started, stays within the cache plus 10% (a prefill's and a
+    step's activations, the graphs' pool); a first request warms up cuBLAS outside the count."""
+    model = reference_model.to("cuda")
+    try:
+        vlm = Pipeline(model, reference_tokenizer)
+        vlm.chat("Describe this image.", images[0], max_new_tokens=4)  # cuBLAS workspaces, kernels
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine = Engine(vlm, EngineSettings(max_batch=6, max_queue=64)).start()
+        assert engine._state.graphs is not None
+        results = long_run(engine, memory_samples(vlm, images))
+        peak = torch.cuda.max_memory_allocated() - before
+    finally:
+        reference_model.to("cpu")
+    assert all(end.kind == "done" for _, end in results)
+    budget = engine._state.cache.nbytes
+    print(f"KV cache {budget / 2**20:.2f} MiB; peak over the weights {peak / 2**20:.3f} MiB")
+    assert peak <= 1.10 * budget

@@ -58,7 +58,12 @@ def register(sub: Any) -> None:
         default=os.environ.get("COGVLM_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $COGVLM_API_KEY, else none)",
     )
-    g.add_argument("--max-batch", type=int, help="requests decoded together (default: 8)")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        help="requests decoded together, each holding a KV-cache slot of the whole context, reserved at "
+        "start (default: the slots that fit 90%% of the memory free after the weights, less 1 GiB; at most 32)",
+    )
     g.add_argument("--max-queue", type=int, help="requests that may wait for a slot; more get 429 (default: 32)")
     g.add_argument("--timeout", type=float, help="seconds one request may take, waiting included (default: 300)")
     g.add_argument(

@@ -1,14 +1,15 @@
 """Token generation: a preallocated KV cache, prefill, decode one token, sample.
 
-The cache holds (B, Hkv, S_max, K) keys and values per layer, written at explicit positions; a
-step never concatenates over it. Batches are left-padded (pad id, type 0, mask 0); rows that
-finish are dropped from the batch so they stop costing compute. A seeded, sampled batch draws
+`KVCache` holds (B, Hkv, S_max, K) keys and values per layer for one prefill, written at explicit
+positions; a step never concatenates over it. `SlotCache` reserves (slots, Hkv, L, K) once: a row
+is prefilled into a free slot, decodes at its own write index and frees its slot in place;
+`DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive. A seeded, sampled batch draws
 row i with seed + i (`row_seeds`); beam search (`beam_search`) scores as transformers' does.
 """
 
-from .cache import KVCache
+from .cache import KVCache, SlotCache
 from .config import GenerationConfig
-from .decoder import BatchDecoder
+from .decoder import BatchDecoder, DecodeState
 from .generate import generate_sequences
 from .sampling import row_seeds, sample
 from .search import BeamSettings, Hypothesis, beam_search
@@ -17,6 +18,8 @@ from .step import decode_one_token, prefill
 __all__ = [
     "GenerationConfig",
     "KVCache",
+    "SlotCache",
+    "DecodeState",
     "prefill",
     "decode_one_token",
     "sample",

@@ -13,6 +13,7 @@ H = 4 Hkv and a bias on the vision expert's QKV.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,26 @@ from torch import nn
 
 from ..config import ACTIVATIONS, CogVLMConfig
 
-#: A layer's slice of the preallocated KV cache: keys and values, each (B, Hkv, S_max, K).
+#: A layer's slice of the preallocated KV cache: keys and values, each (B, Hkv, S_max, K), written
+#: by every row at the same columns `cache_start..`.
 LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class RowIndexedCache:
+    """A layer's cache where each row writes its one new token at its own column (decoding rows
+    of different lengths together, each in its own slot).
+
+    keys, values: (B, Hkv, S, K); index: (B,) int64, the column each row's new key and value go
+    to; mask: (B, 1, 1, S) bool, the columns each row attends to, its new one included. All on
+    the layer's device: the write is a scatter and the mask is given, so nothing is read back
+    to the host.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -114,7 +133,7 @@ class VisionExpertAttention(nn.Module):
         vision_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        cache: LayerCache | None = None,
+        cache: LayerCache | RowIndexedCache | None = None,
         cache_start: int = 0,
     ) -> torch.Tensor:
         b, t, d = x.shape
@@ -128,7 +147,13 @@ class VisionExpertAttention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, K)
         cos, sin = self.rotary_emb(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:  # write post-RoPE keys/values at their positions, read the prefix
+        if isinstance(cache, RowIndexedCache):  # one token per row, each at its own column
+            assert t == 1, "a row-indexed cache takes one new token per row"
+            at = cache.index.view(b, 1, 1, 1).expand(b, self.num_kv_heads, 1, self.head_dim)
+            cache.keys.scatter_(2, at, k.to(cache.keys.dtype))
+            cache.values.scatter_(2, at, v.to(cache.values.dtype))
+            k, v, attn_mask = cache.keys, cache.values, cache.mask
+        elif cache is not None:  # write post-RoPE keys/values at their positions, read the prefix
             cache_k, cache_v = cache
             end = cache_start + t
             cache_k[:, :, cache_start:end] = k
@@ -183,7 +208,7 @@ class CogVLMDecoderLayer(nn.Module):
         vision_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        cache: LayerCache | None = None,
+        cache: LayerCache | RowIndexedCache | None = None,
         cache_start: int = 0,
     ) -> torch.Tensor:
         x = x + self.self_attn(

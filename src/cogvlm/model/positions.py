@@ -38,8 +38,11 @@ def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor | None:
     """(B, T) bool: tokens routed to the vision experts, or None when there are none.
 
     A token is a vision token when it and the next token are image-typed: boi and the
-    patches use the vision experts, eoi and all text the language experts.
+    patches use the vision experts, eoi and all text the language experts. One token alone
+    (a decode step) never is, so it is answered without reading the types (no host sync).
     """
+    if token_type_ids.shape[1] < 2:
+        return None
     mask = torch.zeros_like(token_type_ids, dtype=torch.bool)
     mask[:, :-1] = (token_type_ids[:, :-1] == VIS) & (token_type_ids[:, 1:] == VIS)
     return mask if bool(mask.any()) else None

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Callable
@@ -169,9 +169,17 @@ def create_app(source: Pipeline | Callable[[], Pipeline], settings: ServeSetting
         )
         events = _events(job, engine, request)
         if body.stream:
+            # The headers wait for the first event, so a request that fails before its first
+            # token (out of memory in its prefill, out of time in the queue) gets its own status.
+            first = await anext(events, None)
+            if first is None or first.kind not in ("text", "done"):
+                await events.aclose()
+                if first is not None and first.kind == "error":
+                    raise reply.error(first)
+                return Response(status_code=499)  # the client left
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                reply.stream(events, include_usage),
+                reply.stream(_prepend(first, events), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -209,6 +217,14 @@ async def _events(job: Job, engine: Engine, request: Request) -> AsyncGenerator[
     finally:
         watcher.cancel()
         engine.cancel(job)
+
+
+async def _prepend(first: Event, events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """`first`, then the rest of `events` (closed when this generator is)."""
+    async with aclosing(events):
+        yield first
+        async for event in events:
+            yield event
 
 
 # ---- guards and errors ---------------------------------------------------------------------

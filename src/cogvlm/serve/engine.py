@@ -1,12 +1,33 @@
 """Continuous batching: one worker thread runs the model, and a new request joins the running
 batch at the next decode step instead of waiting for the batch to end.
 
-A newcomer is prefilled alone, in its own KV cache, so its prompt is computed exactly as when
-it runs alone; its first token comes from that prefill. Its keys and values are then moved into
-the running left-padded cache so that they end at the shared write index `cur`, with mask 0
-before them; when its prompt is longer than `cur`, the running rows are shifted right. Each row
-keeps the position ids of its own prefill, so a joined row decodes as it would alone. Rows
-leave the batch when they finish, are cancelled or run out of time.
+Memory is reserved once. The engine owns a `DecodeState` (generation.decoder) of `max_batch`
+slots, each as long as the context, allocated when it starts. A request is admitted when a slot
+is free: what it needs, prompt + max_tokens, always fits one slot, since the app refuses more
+than the context (400 context_length_exceeded) and `submit` checks it again. It is prefilled
+alone, straight into its slot, so its prompt is computed exactly as when it runs alone; its first
+token comes from that prefill. Then it decodes with the other rows, each at its own column and
+position, and when it ends (done, cancelled, timed out, failed) its slot is freed in place.
+Nothing is re-laid out or copied for the batch: peak memory is the weights, the slots, and one
+prefill's or one step's activations.
+
+`max_batch` by default: as many slots as fit 90% of the memory free once the weights are loaded,
+less 1 GiB kept for a prefill's activations, at least 1 and at most MAX_AUTO_BATCH
+(generation.cache.slots_that_fit: CUDA's free memory on a GPU, the available memory on the CPU).
+
+A failure stays with its request:
+- a newcomer's prefill that runs out of memory ends that request with "out_of_memory" (the app
+  answers 503 with Retry-After), any other error in it with "internal"; the running rows go on;
+- a row whose logits hold NaN or inf ends with "non_finite" (500 internal_error) and its slot
+  is scrubbed; a row whose sampler raises ends with "internal";
+- a decode step that raises is made again row by row (a step changes nothing until it has
+  succeeded), so only the rows that also fail alone end ("out_of_memory" or "internal");
+- anything else (a bug in the engine itself) fails the requests in flight and frees every slot;
+  the worker goes on either way.
+
+A decode step reads nothing back to the host; the one read is the picked tokens, which carries
+each row's finiteness check too. On one CUDA device the steps replay CUDA graphs
+(`EngineSettings.cuda_graphs`); on the CPU they run eagerly.
 
 The event loop only enqueues work and reads events: `submit` and `cancel` are cheap and never
 wait for the model.
@@ -24,24 +45,40 @@ from typing import Any
 
 import torch
 
-from ..generation import GenerationConfig, KVCache, decode_one_token, prefill, sample
+from ..errors import SettingsError
+from ..generation import GenerationConfig
+from ..generation.cache import slots_that_fit
+from ..generation.decoder import NON_FINITE, SAMPLER_FAILED, DecodeState, Row, make_generator, pick_tokens
 from ..loading.placement import execution_device
 from ..prompts import collate
 from ..streaming import TextStream
+from ..tokenizer import stop_token_ids
 
 log = logging.getLogger("cogvlm.serve")
 
-#: Free cache columns allocated ahead at least, so the cache is not copied at every step.
-MIN_ROOM = 64
+#: The most slots `max_batch` gets from free memory alone (`--max-batch N` may ask for more).
+MAX_AUTO_BATCH = 32
+#: A row's decode step failed when it was made alone: out of memory, or another error.
+STEP_OUT_OF_MEMORY, STEP_FAILED = -3, -4
+#: What a row whose pick is a failure code ends with (Event.error).
+FAILURES = {
+    NON_FINITE: "non_finite",
+    SAMPLER_FAILED: "internal",
+    STEP_OUT_OF_MEMORY: "out_of_memory",
+    STEP_FAILED: "internal",
+}
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How many requests decode together, how many may wait, and how long one may take."""
+    """How many requests decode together (None: as many slots as fit the free memory, at most
+    MAX_AUTO_BATCH), how many may wait, how long one may take, and whether decode steps replay
+    CUDA graphs (None: when the model is on one CUDA device)."""
 
-    max_batch: int = 8
+    max_batch: int | None = None
     max_queue: int = 32
     timeout_s: float = 300.0
+    cuda_graphs: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +86,8 @@ class Event:
     """What the worker tells a request: a text piece, the end, or a failure.
 
     kind: "text" (text), "done" (finish_reason "stop" or "length"), "error" (error: "timeout",
-    "internal" or "shutdown"), or "cancelled" (put by the server when the client left).
+    "out_of_memory", "non_finite", "internal" or "shutdown"), or "cancelled" (put by the server
+    when the client left).
     """
 
     kind: str
@@ -75,8 +113,9 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    error: str | None = None
     stream: TextStream | None = None
-    generator: torch.Generator | None = None
+    row: Row | None = None  # its row in the decode state, from its prefill to its end
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,94 +129,29 @@ class Job:
             pass
 
 
-class RunningBatch:
-    """The rows decoding together: a left-padded KV cache (B, H, S, K) per layer, attention mask
-    (B, S), each row's last position (B,) and last token (B,), and the write index `cur`."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.jobs: list[Job] = []
-        self.cache: KVCache | None = None
-        device = execution_device(model.model.embed_tokens)
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)
-        self.positions = torch.zeros(0, dtype=torch.long, device=device)
-        self.last = torch.zeros(0, dtype=torch.long, device=device)
-        self.cur = 0
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.cache is None else self.cache.layers[0][0].shape[2]
-
-    def add(self, job: Job, cache: KVCache, length: int, position: int, token: int) -> None:
-        """Append a row prefilled alone: its cache holds `length` prompt columns."""
-        self._relayout((job, cache, length))
-        self.jobs.append(job)
-        self.positions = torch.cat((self.positions, self.positions.new_tensor([position])))
-        self.last = torch.cat((self.last, self.last.new_tensor([token])))
-
-    def step(self) -> torch.Tensor:
-        """Decode the last token of every row; returns logits (B, V)."""
-        if self.cur == self.capacity:
-            self._relayout()
-        self.mask[:, self.cur] = 1
-        self.positions = self.positions + 1
-        logits = decode_one_token(
-            self.model, self.last, self.positions, self.mask[:, : self.cur + 1], self.cache, self.cur
-        )
-        self.cur += 1
-        return logits
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (by index), in this order."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        self.jobs = [self.jobs[i] for i in rows]
-        self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
-        if self.jobs:
-            self.cache.keep(index)
-        else:
-            self.cache, self.cur = None, 0
-
-    def _relayout(self, row: tuple[Job, KVCache, int] | None = None) -> None:
-        """Copy into a fresh cache: drop the leftmost columns no row uses, right-align the rows
-        to the longest prompt (`row`'s, when it is longer), leave room to grow, append `row`."""
-        used = self.mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else self.cur
-        span = self.cur - start  # columns the running rows still use
-        length = row[2] if row else 0
-        cur = max(span, length)
-        jobs = self.jobs + ([row[0]] if row else [])
-        remaining = max(j.config.max_new_tokens - len(j.tokens) for j in jobs)  # >= 1: all unfinished
-        capacity = cur + min(max(MIN_ROOM, cur // 2), remaining)
-        n = len(self.jobs)
-        fresh = KVCache(self.model, len(jobs), capacity)
-        mask = torch.zeros(
-            len(jobs), capacity, dtype=torch.long, device=execution_device(self.model.model.embed_tokens)
-        )
-        if n:
-            mask[:n, cur - span : cur] = self.mask[:, start : self.cur]
-            for (new_k, new_v), (old_k, old_v) in zip(fresh.layers, self.cache.layers):
-                new_k[:n, :, cur - span : cur] = old_k[:, :, start : self.cur]
-                new_v[:n, :, cur - span : cur] = old_v[:, :, start : self.cur]
-        if row:
-            mask[n, cur - length : cur] = 1
-            for (new_k, new_v), (row_k, row_v) in zip(fresh.layers, row[1].layers):
-                new_k[n, :, cur - length : cur] = row_k[0, :, :length]
-                new_v[n, :, cur - length : cur] = row_v[0, :, :length]
-        self.cache, self.mask, self.cur = fresh, mask, cur
-
-
 class Engine:
-    """The model's only user: a worker thread that admits waiting requests into the running
-    batch, decodes one step for all of them, and sends each its text as it comes."""
+    """The model's only user: a worker thread that admits waiting requests into free slots,
+    decodes one step for all of them, and sends each its text as it comes."""
 
     def __init__(self, pipeline: Any, settings: EngineSettings = EngineSettings()) -> None:
         self.model, self.tokenizer = pipeline.model, pipeline.tokenizer
         self.settings = settings
-        eos = self.tokenizer.eos_token_id
-        self.eos = {eos} if isinstance(eos, int) else set(eos or ())
+        # Every id that ends an answer (CogVLM2: <|end_of_text|> and <|eot_id|>); none is ever sent.
+        self.eos = stop_token_ids(self.tokenizer, self.model.config)
+        length = getattr(pipeline, "context_length", None) or self.model.config.max_position_embeddings
+        self.max_batch = settings.max_batch or slots_that_fit(self.model, length, MAX_AUTO_BATCH)
+        self._state = DecodeState(self.model, self.max_batch, length, graphs=settings.cuda_graphs)
+        self._device = execution_device(self.model.model.embed_tokens)
+        log.info(
+            "engine: %d slots of %d tokens, %.1f MiB of KV cache%s",
+            self.max_batch,
+            length,
+            self._state.cache.nbytes / 2**20,
+            ", CUDA graphs" if self._state.graphs else "",
+        )
         self._pending: deque[Job] = deque()
+        self._running: list[Job] = []  # the jobs holding a slot (worker thread only)
         self._admitted: list[Job] = []  # taken from the queue and not yet done: the slots in use
-        self._batch = RunningBatch(self.model)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cogvlm-engine", daemon=True)
@@ -198,10 +172,14 @@ class Engine:
 
     def submit(self, sample: dict[str, Any], config: GenerationConfig, request_id: str) -> Job:
         """Queue a built sample (call from the event loop); its events arrive on `job.events`.
-        Raises QueueFull when the free batch slots and the waiting queue are all taken."""
+        Raises QueueFull when the free batch slots and the waiting queue are all taken, and
+        SettingsError when prompt + max_new_tokens is over a slot."""
         job = Job(sample, config, request_id, time.monotonic() + self.settings.timeout_s, asyncio.get_running_loop())
+        need, length = job.prompt_tokens + config.max_new_tokens, self._state.cache.length
+        if need > length:
+            raise SettingsError(f"prompt + max_new_tokens is {need} tokens, over the engine's {length}")
         with self._wake:
-            free = self.settings.max_batch - len(self._admitted)
+            free = self.max_batch - len(self._admitted)
             if self._closed or len(self._pending) >= free + self.settings.max_queue:
                 raise QueueFull
             self._pending.append(job)
@@ -220,25 +198,25 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._batch.jobs and not self._closed:
+                while not self._pending and not self._running and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     break
-                room = self.settings.max_batch - len(self._batch.jobs)
+                room = self.max_batch - len(self._running)
                 newcomers = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                self._admitted = self._batch.jobs + newcomers
+                self._admitted = self._running + newcomers
             try:
                 with torch.inference_mode():
                     self._step(newcomers)
-            except Exception:  # a model failure fails the requests in it, never the worker
-                jobs = self._batch.jobs + newcomers
-                log.exception("model step failed; requests %s", ", ".join(j.request_id for j in jobs))
+            except Exception:  # a failure outside the model calls: fail what is in flight, go on
+                jobs = list(dict.fromkeys(self._running + newcomers))
+                log.exception("the engine failed; requests %s", ", ".join(j.request_id for j in jobs))
                 self._fail(jobs, "internal")
-                self._batch = RunningBatch(self.model)
+                self._drop_done()
             with self._wake:
-                self._admitted = list(self._batch.jobs)
+                self._admitted = list(self._running)
         with self._wake:
-            self._fail(self._batch.jobs + list(self._pending), "shutdown")
+            self._fail(self._running + list(self._pending), "shutdown")
             self._pending.clear()
 
     def _step(self, newcomers: list[Job]) -> None:
@@ -250,45 +228,73 @@ class Engine:
                 self._fail([job], "timeout")
                 continue
             self._join(job)
-        batch = self._batch
-        for job in batch.jobs:
+        for job in self._running:
             if not job.cancelled and now > job.deadline:
                 self._fail([job], "timeout")
         self._drop_done()
-        if not batch.jobs:
+        if not self._running:
             return
-        logits = batch.step()
-        for job, token in zip(batch.jobs, self._pick(logits, batch.jobs)):
-            self._accept(job, token)
-        batch.last = batch.last.new_tensor([job.tokens[-1] for job in batch.jobs])
+        jobs = sorted(self._running, key=lambda j: j.row.slot)
+        self._state.feed([job.row for job in jobs])  # each row's last token, newcomers' first included
+        try:
+            logits = self._state.step()
+        except Exception:  # not one row's fault as far as we know: find the rows that fail alone
+            log.exception("a decode step failed; requests %s decode alone", ", ".join(j.request_id for j in jobs))
+            picked = [self._step_alone(job) for job in jobs]
+        else:
+            picked = self._pick(self._state.select(logits, [job.row for job in jobs]), jobs)
+        for job, token in zip(jobs, picked):
+            self._take(job, token)
         self._drop_done()
 
     def _join(self, job: Job) -> None:
-        """Prefill alone, take the first token, and add the row to the running batch."""
+        """Prefill alone, straight into a free slot, and take the first token."""
         sample = job.sample
-        inputs = collate([sample], pad_token_id=self.tokenizer.pad_token_id)
-        device, dtype = execution_device(self.model.model.embed_tokens), self.model.dtype
-        inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        inputs["images"] = [[img.to(device, dtype) for img in sample["images"] or []]]
-        length = inputs["input_ids"].shape[1]
-        cache = KVCache(self.model, 1, length)
-        logits, positions = prefill(self.model, inputs, cache)
+        job.row = Row(job.config, sample["input_ids"], job.tokens, make_generator(job.config, self._device))
+        try:
+            inputs = collate([sample], pad_token_id=self.tokenizer.pad_token_id)
+            inputs = {k: v.to(self._device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            inputs["images"] = [[img.to(self._device, self.model.dtype) for img in sample["images"] or []]]
+            logits = self._state.admit([job.row], inputs)
+        except Exception as e:
+            job.row = None
+            if _out_of_memory(e):
+                log.warning("request %s: out of memory in its prefill (%d tokens)", job.request_id, job.prompt_tokens)
+                self._fail([job], "out_of_memory")
+            else:
+                log.exception("request %s: its prefill failed", job.request_id)
+                self._fail([job], "internal")
+            return
+        self._running.append(job)
         job.stream = TextStream(self.tokenizer, job.config.stop)
-        if job.config.seed is not None:
-            job.generator = torch.Generator(device=device).manual_seed(job.config.seed)
-        self._accept(job, self._pick(logits, [job])[0])
-        if not job.finished:
-            self._batch.add(job, cache, length, int(positions[0, -1]), job.tokens[-1])
+        self._take(job, self._pick(logits, [job])[0])
+
+    def _step_alone(self, job: Job) -> int:
+        """The job's row decoded alone after a failed step: its pick, or a failure code."""
+        slot = job.row.slot
+        try:
+            logits = self._state.step(slot, slot + 1, eager=True)
+        except Exception as e:
+            log.exception("request %s: its decode step fails alone", job.request_id)
+            return STEP_OUT_OF_MEMORY if _out_of_memory(e) else STEP_FAILED
+        return self._pick(logits, [job])[0]
 
     def _pick(self, logits: torch.Tensor, jobs: list[Job]) -> list[int]:
-        """Next token of each row: greedy rows at once, the others through `sample`."""
-        if all(not j.config.do_sample and j.config.repetition_penalty == 1.0 for j in jobs):
-            return logits.argmax(-1).tolist()
-        picked = []
-        for row, job in zip(logits, jobs):
-            previous = torch.tensor(job.sample["input_ids"].tolist() + job.tokens, device=row.device)
-            picked.append(sample(row, job.config, previous, job.generator))
-        return picked
+        """Next token of each job (logits (N, V) in the jobs' order), or a negative failure code
+        (FAILURES) for a job whose logits are not finite or whose sampler raised."""
+        return pick_tokens(logits, [job.row for job in jobs])
+
+    def _take(self, job: Job, token: int) -> None:
+        """A picked token, or a failure code, for one job: anything that goes wrong is its own."""
+        if token < 0:
+            log.error("request %s: %s at token %d", job.request_id, FAILURES[token], len(job.tokens))
+            self._fail([job], FAILURES[token])
+            return
+        try:
+            self._accept(job, token)
+        except Exception:
+            log.exception("request %s: could not take token %d", job.request_id, token)
+            self._fail([job], "internal")
 
     def _accept(self, job: Job, token: int) -> None:
         """Record a token, send the text it completes, and finish the job when it is done."""
@@ -314,11 +320,20 @@ class Engine:
     def _fail(self, jobs: list[Job], error: str) -> None:
         for job in jobs:
             if not job.finished:
-                job.finished = True
+                job.finished, job.error = True, error
                 job.deliver(Event("error", error=error))
 
     def _drop_done(self) -> None:
-        batch = self._batch
-        keep = [i for i, job in enumerate(batch.jobs) if not (job.finished or job.cancelled)]
-        if len(keep) < len(batch.jobs):
-            batch.keep(keep)
+        """Free the slots of the jobs that ended, in place (zeroed after NaN or inf: see SlotCache.free)."""
+        keep = []
+        for job in self._running:
+            if job.finished or job.cancelled:
+                self._state.release(job.row, scrub=job.error == "non_finite")
+            else:
+                keep.append(job)
+        self._running = keep
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)

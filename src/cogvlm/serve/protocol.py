@@ -315,6 +315,18 @@ class Reply:
             )
         if event.error == "shutdown":
             return APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+        if event.error == "out_of_memory":  # this request's alone: the others go on, memory comes back
+            return APIError(
+                503,
+                "the server ran out of memory for this request; retry later",
+                type="server_error",
+                code="out_of_memory",
+                headers={"Retry-After": "1"},
+            )
+        if event.error == "non_finite":  # the model's numbers for this answer went NaN or inf
+            return APIError(
+                500, "internal error while generating the answer", type="server_error", code="internal_error"
+            )
         return APIError(500, "internal error while generating the answer", type="server_error")
 
     async def complete(self, events: AsyncGenerator[Event, None]) -> ChatCompletion | None:
