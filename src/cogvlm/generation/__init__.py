@@ -3,8 +3,9 @@
 `KVCache` holds (B, Hkv, S_max, K) keys and values per layer for one prefill, written at explicit
 positions; a step never concatenates over it. `SlotCache` reserves (slots, Hkv, L, K) once: a row
 is prefilled into a free slot, decodes at its own write index and frees its slot in place;
-`DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive. A seeded, sampled batch draws
-row i with seed + i (`row_seeds`); beam search (`beam_search`) scores as transformers' does.
+`DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive.
+A seeded, sampled batch draws row i with seed + i (`row_seeds`); beam search (`beam_search`)
+scores as transformers' does.
 """
 
 from .cache import KVCache, SlotCache
