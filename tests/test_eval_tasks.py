@@ -638,7 +638,7 @@ def test_evaluate_on_a_file_task_with_a_fake_pipeline(tmp_path):
 
     class Boxer:
         def batch(self, requests, **gen):
-            assert gen == {"max_new_tokens": task.max_new_tokens}
+            assert gen == {"max_new_tokens": task.max_new_tokens, "do_sample": False}
             assert all(r["template_version"] == "base" for r in requests)
             return ["man[[250,250,750,750]]", "nothing"]
 

@@ -17,9 +17,11 @@ HELP = "Type a question. 'clear' resets, an image path starts a new conversation
 
 
 def interactive_chat(
-    vlm: Any, image: str | None, template: str | None, gen: dict[str, Any], read=input, write=sys.stdout.write
+    vlm: Any, image: str | None, template: str | None, gen: dict[str, Any], read=input, write=None
 ) -> int:
-    """Run until end of input; returns the exit status."""
+    """Run until end of input; returns the exit status. `write` defaults to the sys.stdout of the
+    call (not of the import), so a redirected stdout gets the answers."""
+    write = write or sys.stdout.write
     picture = load_image(image) if image else None
     history: list[tuple[str, str]] = []
     write(f"{HELP}\n{'image: ' + image if image else 'no image: text only'}\n")
