@@ -171,7 +171,7 @@ def measure(folder: Path, names: list[str], args: argparse.Namespace) -> list[di
             "tok_s": decode_speed(model, batches[0], args.tokens),
         }
         if args.shapes:
-            from cogvlm.eval.tasks.shapes import evaluate_shapes
+            from cogvlm.eval import evaluate_shapes
             from cogvlm.pipeline import Pipeline
 
             result = evaluate_shapes(Pipeline(model, load_tokenizer(folder)), args.shapes)

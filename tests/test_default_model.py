@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import cogvlm
-from cogvlm.eval.tasks.shapes import evaluate_shapes
+from cogvlm.eval import evaluate_shapes
 from cogvlm.pipeline import DEFAULT_MODEL
 
 #: The project's targets that the shipped model meets; on these 100 questions per type (900 in all)

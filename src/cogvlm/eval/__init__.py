@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import caption_scores, vqa_accuracy
-from .runner import Answerer, evaluate, load_items, paper_cell, predict, run, summarise, summary_table
+from .runner import Answerer, evaluate, evaluate_shapes, load_items, paper_cell, predict, run, summarise, summary_table
 from .served import ServedModel
 from .tasks import Item, Task, get_task, registry
-from .tasks.shapes import HELDOUT_SEED, SHAPES, evaluate_shapes, shapes_items
+from .tasks.shapes import HELDOUT_SEED, SHAPES, shapes_items
 
 
 def task_list() -> str:

@@ -31,6 +31,7 @@ from ..fileio import atomic_write_text
 from . import parallel
 from .predictions import RunPredictions
 from .tasks import DOCS, Item, Task
+from .tasks.shapes import DEFAULT_N, HELDOUT_SEED, SHAPES, shapes_items
 
 
 class Answerer(Protocol):
@@ -260,3 +261,17 @@ def summary_table(results: Sequence[dict[str, Any]]) -> str:
         "fine-tuned checkpoints; CIDEr on a subset (--limit) is not comparable to a full split."
     )
     return "\n".join(lines) + "\n"
+
+
+def evaluate_shapes(
+    pipeline: Any,
+    n: int = DEFAULT_N,
+    seed: int = HELDOUT_SEED,
+    shuffle: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score a model on `n` held-out questions per type; see `runner.evaluate` for the result.
+    `pipeline` is anything with `batch(requests, **gen) -> list[str]` (a `cogvlm.Pipeline`)."""
+    items = shapes_items(n, seed, shuffle)
+    return evaluate(pipeline, SHAPES, items, batch_size=batch_size, progress=progress)

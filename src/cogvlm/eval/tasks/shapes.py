@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any
 
 from ...errors import SettingsError
 from ...grounding import parse_boxes
@@ -129,19 +128,3 @@ SHAPES = Task(
     files="none: scenes generated from --seed",
 )
 TASKS = (SHAPES,)
-
-
-def evaluate_shapes(
-    pipeline: Any,
-    n: int = DEFAULT_N,
-    seed: int = HELDOUT_SEED,
-    shuffle: bool = False,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Score a model on `n` held-out questions per type; see `runner.evaluate` for the result.
-    `pipeline` is anything with `batch(requests, **gen) -> list[str]` (a `cogvlm.Pipeline`)."""
-    from ..runner import evaluate
-
-    items = shapes_items(n, seed, shuffle)
-    return evaluate(pipeline, SHAPES, items, batch_size=batch_size, progress=progress)
