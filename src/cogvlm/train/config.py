@@ -36,11 +36,13 @@ Data
   data                     list of sources, each a dict with `type`:
                            {type: jsonl, path: FILE}, {type: sft311k, path: FOLDER},
                            {type: synthetic, seed: 0, size: null, tasks: null, easy: false,
-                           per_scene: 3, turns: 1, min_shapes: 1}; every source takes `weight`
-                           (sampling share, default 1) and `template_version` (default: the
-                           record's, else the model's); synthetic `turns` > 1 asks several vqa
-                           questions per conversation, a task named twice in `tasks` is drawn twice
-                           as often, and `min_shapes` (1-4) draws only scenes that crowded
+                           per_scene: 3, turns: 1, min_shapes: 1, varied: false}; every source
+                           takes `weight` (sampling share, default 1) and `template_version`
+                           (default: the record's, else the model's); synthetic `turns` > 1 asks
+                           several vqa questions per conversation, a task named twice in `tasks` is
+                           drawn twice as often, `min_shapes` (1-4, varied 1-6) draws only scenes
+                           that crowded, and `varied` draws the scenes people draw (any canvas and
+                           background, outlines, anti-aliasing, JPEG; `size` then does not apply)
   eval_data                sources of the diagnostic batch (default: `data`, synthetic seeds moved
                            to a held-out range; jsonl/sft311k sources are reused as they are)
   max_length               examples longer than this many tokens are reported and skipped

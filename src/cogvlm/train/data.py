@@ -204,11 +204,16 @@ class SyntheticSource:
         turns: int = 1,
         template_version: str | None = None,
         min_shapes: int = 1,
+        varied: bool = False,
     ) -> None:
-        if not 1 <= min_shapes <= synthetic.MAX_SHAPES:
-            raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {synthetic.MAX_SHAPES})")
+        most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
+        if not 1 <= min_shapes <= most:
+            raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {most})")
+        for task in tasks or ():
+            if task not in synthetic.ALL_TASKS:
+                raise TrainError(f"data source synthetic: unknown task {task!r} (use {', '.join(synthetic.ALL_TASKS)})")
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
-        self.min_shapes = min_shapes
+        self.min_shapes, self.varied = min_shapes, varied
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -216,7 +221,7 @@ class SyntheticSource:
         """Scene k's image and records (the last one is kept: its records are consecutive)."""
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
-            scene = synthetic.make_scene(rng, self.size, min_shapes=self.min_shapes, easy=self.easy)
+            scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, min_shapes=self.min_shapes)
             records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns)
             self._last = (k, scene.render(), records)
         return self._last[1], self._last[2]

@@ -49,7 +49,7 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> dict[str, torch.Tensor]:
     mask = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(mask)
     for i, shape in enumerate(scene.shapes):  # drawn as render() draws them: later shapes on top
-        synthetic._draw_shape(draw, shape.kind, shape.box, i + 1)
+        synthetic.draw_shape(draw, shape.kind, shape.box, i + 1, shape.outline, shape.variant)
     owner = np.asarray(mask)
     rows = np.linspace(0, scene.height, grid + 1).round().astype(int)
     cols = np.linspace(0, scene.width, grid + 1).round().astype(int)
