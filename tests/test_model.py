@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cogvlm.generation import KVCache, decode_one_token, prefill
@@ -123,3 +124,23 @@ def test_half_precision_close_to_fp32(dtype, reference_dir, reference_model, ref
     assert (got - ref).abs().max().item() < max_tol
     assert (got - ref).abs().mean().item() < mean_tol
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_one_query_attention_equals_sdpa(heads, kv_heads):
+    """The CPU decode path (matmul, softmax, matmul) against SDPA, grouped heads and a padding mask."""
+    from cogvlm.model.decoder import attend_one
+
+    torch.manual_seed(0)
+    q = torch.randn(3, heads, 1, 16)
+    k, v = torch.randn(3, kv_heads, 37, 16), torch.randn(3, kv_heads, 37, 16)
+    mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
+    mask[1, ..., :10] = False  # a left-padded row
+    mask[2, ..., 30:] = False  # a slot with free columns after its tokens
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(attend_one(q, k, v, m), want, rtol=1e-5, atol=1e-6)
+    got = attend_one(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
+    torch.testing.assert_close(
+        got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads), rtol=0.03, atol=0.03
+    )

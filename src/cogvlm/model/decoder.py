@@ -95,6 +95,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row (a decode step) as matmul, softmax, matmul. On the CPU this is
+    what suits one query: SDPA's kernel there is built for long queries and is several times slower
+    at one (in bf16 about 5x). q (B, H, 1, K); k, v (B, Hkv, S, K); mask (B, 1, 1, S) bool or None.
+    Query head j reads KV head j // (H / Hkv), as SDPA's enable_gqa does; softmax in float32."""
+    b, h, _, head_dim = q.shape
+    hkv = k.shape[1]
+    grouped = (q * head_dim**-0.5).reshape(b, hkv, h // hkv, head_dim)  # (B, Hkv, G, K): G heads per KV head
+    scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, 1, head_dim)  # (B, H, 1, K)
+
+
 def route(
     x: torch.Tensor,
     vision_mask: torch.Tensor | None,
@@ -159,10 +174,12 @@ class VisionExpertAttention(nn.Module):
             cache_k[:, :, cache_start:end] = k
             cache_v[:, :, cache_start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if t == 1 and q.device.type == "cpu":
+            ctx = attend_one(q, k, v, attn_mask)
+        else:  # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+            )
         ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return route(ctx, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 
