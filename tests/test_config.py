@@ -120,7 +120,7 @@ def test_cogvlm2_19b_count_matches_the_released_checkpoint():
 
 def test_describe_cogvlm2():
     text = describe("cogvlm2-llama3-chat-19b")
-    assert text.startswith("CogVLM2") and "19.503 B" in text and "2306" in text and "8 key/value" in text
+    assert text.startswith("CogVLM2") and "19.5 B" in text and "2306" in text and "8 key/value" in text
 
 
 def test_missing_fields_named(reference_dir):
@@ -137,4 +137,4 @@ def test_unknown_preset():
 
 def test_describe_prints_memory():
     text = describe("cogvlm-chat-17b")
-    assert "17.640 B" in text and "bf16" in text and "int4" in text and "1227" in text
+    assert "17.6 B" in text and "bf16" in text and "int4" in text and "1227" in text

@@ -4,12 +4,14 @@ with the paper's numbers, and the `cogvlm eval` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import cogvlm.cli.eval
 from cogvlm.cli import main
 from cogvlm.errors import CogVLMError
 from cogvlm.eval import get_task, load_items, run, summary_table
@@ -42,15 +44,17 @@ def gqa_dir(tmp_path: Path) -> Path:
 
 class FakePipeline:
     """Answers question k with the right answer when k is even, else "wrong"; records what it is
-    asked and can stop (like Ctrl-C) before a given call."""
+    asked and with which generation settings, and can stop (like Ctrl-C) before a given call."""
 
     def __init__(self, interrupt_at_call: int | None = None) -> None:
         self.asked: list[str] = []
+        self.settings: list[dict] = []
         self.calls = 0
         self.interrupt_at_call = interrupt_at_call
 
     def batch(self, requests, **gen):
         self.calls += 1
+        self.settings.append(gen)
         if self.calls == self.interrupt_at_call:
             raise KeyboardInterrupt
         answers = []
@@ -61,8 +65,8 @@ class FakePipeline:
         return answers
 
 
-def _run(data: Path, out: Path, pipeline, limit: int | None = None, model: str = "fake") -> dict:
-    task = get_task("gqa")
+def _run(data: Path, out: Path, pipeline, limit: int | None = None, model: str = "fake", num_beams: int = 1) -> dict:
+    task = dataclasses.replace(get_task("gqa"), num_beams=num_beams)
     items, _ = load_items(task, data, "testdev_balanced", limit)
     return run(task, items, pipeline, split="testdev_balanced", model=model, out=out, batch_size=2, progress=False)
 
@@ -164,6 +168,24 @@ def test_predictions_of_another_model_are_not_mixed_in(gqa_dir, tmp_path):
         _run(gqa_dir, tmp_path, FakePipeline(), limit=2, model="other")
 
 
+def test_beam_and_greedy_predictions_are_not_mixed(gqa_dir, tmp_path):
+    """A beam run's file has num_beams in its settings; a greedy run's has no such key. Either rerun
+    on the other's file is refused (a key only one run has differs); the same settings resume."""
+    log = tmp_path / "gqa-testdev_balanced.predictions.jsonl"
+    beams = FakePipeline()
+    _run(gqa_dir, tmp_path, beams, limit=2, num_beams=4)
+    assert beams.settings == [{"max_new_tokens": 16, "do_sample": False, "num_beams": 4}]
+    assert _lines(log)[0]["settings"]["num_beams"] == 4
+    with pytest.raises(CogVLMError, match=r"predictions of another run \(num_beams: 4 != absent\)"):
+        _run(gqa_dir, tmp_path, FakePipeline(), limit=2)
+    resumed = FakePipeline()
+    assert _run(gqa_dir, tmp_path, resumed, limit=2, num_beams=4)["num_beams"] == 4 and resumed.calls == 0
+    greedy = tmp_path / "greedy"
+    _run(gqa_dir, greedy, FakePipeline(), limit=2)
+    with pytest.raises(CogVLMError, match=r"predictions of another run \(num_beams: absent != 4\)"):
+        _run(gqa_dir, greedy, FakePipeline(), limit=2, num_beams=4)
+
+
 def test_summary_puts_the_papers_numbers_beside_ours():
     def result(task, split, value, paper):
         return {
@@ -251,6 +273,23 @@ def test_cli_shapes_prints_true_and_shuffled_columns(tmp_path, reference_dir, ca
     ]
 
 
+def test_cli_num_beams_decodes_with_beams_and_records_them(gqa_dir, tmp_path, monkeypatch, capsys):
+    """`--num-beams N` asks the model for N beams, is in the run's settings, and a rerun without it
+    does not reuse those answers."""
+    pipeline = FakePipeline()
+    monkeypatch.setattr(cogvlm.cli.eval, "load_pipeline", lambda args: pipeline)
+    out = tmp_path / "out"
+    argv = ["gqa", "--data", str(gqa_dir), "--limit", "3", "--batch-size", "2", "--out", str(out)]
+    assert cli_main([*argv, "--num-beams", "3"]) == 0
+    assert [gen.get("num_beams") for gen in pipeline.settings] == [3, 3]
+    assert _lines(out / "gqa-testdev_balanced.predictions.jsonl")[0]["settings"]["num_beams"] == 3
+    assert json.loads((out / "gqa-testdev_balanced.results.json").read_text())["num_beams"] == 3
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert "(num_beams: 3 != absent)" in capsys.readouterr().err
+    assert cli_main([*argv, "--num-beams", "3"]) == 0 and pipeline.calls == 2  # resumed: nothing asked
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -259,6 +298,9 @@ def test_cli_shapes_prints_true_and_shuffled_columns(tmp_path, reference_dir, ca
         (["gqa"], "gqa needs --data DIR"),
         (["gqa", "--data", "/no/such/folder"], "/no/such/folder: no such folder"),
         (["gqa", "--data", ".", "--limit", "0"], "--limit must be >= 1"),
+        (["gqa", "--data", ".", "--num-beams", "0"], "--num-beams must be >= 1 (got 0)"),
+        (["shapes", "--num-beams", "-1"], "--num-beams must be >= 1 (got -1)"),
+        (["gqa", "--api-base", "http://127.0.0.1:9/v1", "--num-beams", "2"], "answers greedily, drop --num-beams"),
         (["gqa", "--data", ".", "--n", "5"], "--n only apply to the shapes task"),
         (["gqa", "--data", ".", "--seed", "0"], "--seed only apply to the shapes task"),
         (["shapes", "--data", "."], "shapes generates its questions: drop --data"),

@@ -37,45 +37,75 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))).tanh())
 
 
 def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    return 0.5 * x * (1.0 + (x * 0.7978845608 * (1.0 + 0.044715 * x * x)).tanh())
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * (1.702 * x).sigmoid()
+
+
+def _functional(name: str, **kwargs: Any) -> Callable[[], Callable[[torch.Tensor], torch.Tensor]]:
+    """`torch.nn.functional.<name>` (with `kwargs` bound), looked up when the model asks for it."""
+
+    def resolve() -> Callable[[torch.Tensor], torch.Tensor]:
+        import torch.nn.functional as F
+
+        return partial(getattr(F, name), **kwargs) if kwargs else getattr(F, name)
+
+    return resolve
+
+
+class _Activations(Mapping[str, Callable[["torch.Tensor"], "torch.Tensor"]]):
+    """Name -> activation; torch is imported at the first lookup, so reading a config (and the
+    CLI's argument checks) need no torch."""
+
+    def __init__(self, resolvers: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]]) -> None:
+        self._resolvers = resolvers
+
+    def __getitem__(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self._resolvers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolvers)
+
+    def __len__(self) -> int:
+        return len(self._resolvers)
 
 
 #: `hidden_act` names, meaning what the same names mean in transformers' ACT2FN (the formulas
 #: of the tanh approximations included, so a converted checkpoint computes the same numbers).
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,  # exact (erf)
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu_new": _gelu_new,
-    "gelu_fast": _gelu_fast,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-}
+ACTIVATIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = _Activations(
+    {
+        "silu": _functional("silu"),
+        "swish": _functional("silu"),
+        "gelu": _functional("gelu"),  # exact (erf)
+        "gelu_pytorch_tanh": _functional("gelu", approximate="tanh"),
+        "gelu_new": lambda: _gelu_new,
+        "gelu_fast": lambda: _gelu_fast,
+        "quick_gelu": lambda: _quick_gelu,
+        "relu": _functional("relu"),
+    }
+)
 
 
 @dataclass(frozen=True)

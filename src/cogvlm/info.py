@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +33,29 @@ def parameter_counts(config: CogVLMConfig) -> dict[str, int]:
     return counts
 
 
+def _scaled(value: float, base: int, units: Sequence[str]) -> str:
+    """`value` to three significant digits in the first of `units` (each `base` times the one before)
+    that keeps it under `base` once rounded (999,999 reads 1.00 M, not 1000 K); unscaled values print whole."""
+    if float(f"{value:.3g}") < base:
+        return f"{value:.0f}{units[0]}"
+    for unit in units[1:]:
+        value /= base
+        rounded = float(f"{value:.3g}")
+        if rounded < base or unit == units[-1]:
+            break
+    return f"{rounded:.{max(0, 3 - len(str(int(rounded))))}f}{unit}"
+
+
+def human_count(n: int) -> str:
+    """A parameter count in the unit that suits it (840 K, 5.58 M, 17.6 B): small models read as such."""
+    return _scaled(n, 1000, ("", " K", " M", " B", " T"))
+
+
+def human_bytes(n: float) -> str:
+    """A size in bytes in the binary unit that suits it (10.6 MiB, 32.9 GiB)."""
+    return _scaled(n, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+
+
 def describe(folder_or_preset: str | Path) -> str:
     """The text `cogvlm info` prints."""
     config, source = resolve_config(folder_or_preset)
@@ -52,9 +76,9 @@ def describe(folder_or_preset: str | Path) -> str:
         f"FFN {v.intermediate_size}, {v.image_size} px / patch {v.patch_size} = {side}x{side} patches{conv}",
         f"  image tokens per image: {config.image_tokens} (grid + boi + eoi); template: {config.template_version}",
         "  parameters:",
-        *(f"    {name:<26} {n / 1e9:8.3f} B" for name, n in counts.items()),
-        f"    {'total':<26} {total / 1e9:8.3f} B ({total:,})",
+        *(f"    {name:<26} {human_count(n):>8}" for name, n in counts.items()),
+        f"    {'total':<26} {human_count(total):>8} ({total:,})",
         "  weight memory:",
-        *(f"    {dtype:<6} {total * b / 2**30:8.2f} GiB" for dtype, b in BYTES_PER_PARAM.items()),
+        *(f"    {dtype:<6} {human_bytes(total * b):>10}" for dtype, b in BYTES_PER_PARAM.items()),
     ]
     return "\n".join(lines)

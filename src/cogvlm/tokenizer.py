@@ -156,13 +156,13 @@ def _sentencepiece(path: Path, names: dict[str, str]) -> tuple[Callable, Callabl
         return ids
 
     def decode(ids: list[int], skip_special_tokens: bool) -> str:
+        if skip_special_tokens:  # one run, as LlamaTokenizer does: "a</s>b" -> "a b", not "ab"
+            return sp.decode([i for i in ids if i not in strings])
         out, run = [], []
         for i in ids:
             if i in strings:
-                out.append(sp.decode(run))
+                out += [sp.decode(run), strings[i]]
                 run = []
-                if not skip_special_tokens:
-                    out.append(strings[i])
             else:
                 run.append(i)
         out.append(sp.decode(run))

@@ -34,13 +34,13 @@ def _print_result(record: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise CogVLMError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    gen = generation_kwargs(args)
     from ..grounding import parse_boxes
     from ..image import load_image
     from ..pipeline import GroundingResult
 
-    if args.batch_size < 1:
-        raise CogVLMError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    gen = generation_kwargs(args)
     pictures = [load_image(path) for path in args.images]  # fail early, before loading
     vlm = load_pipeline(args)
     for start in range(0, len(pictures), args.batch_size):
@@ -57,10 +57,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _grounding_run(args: argparse.Namespace, queries: Sequence[str]) -> int:
+    gen = generation_kwargs(args)
     from ..grounding import draw_boxes
     from ..image import load_image
 
-    gen = generation_kwargs(args)
     pictures = [load_image(path) for path in args.images]
     vlm = load_pipeline(args)
     for path, picture, query in zip(args.images, pictures, queries):
@@ -84,11 +84,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.box is None):
+        raise CogVLMError("give exactly one of --query TEXT or --box X0,Y0,X1,Y1")
     from ..image import load_image
     from ..prompts import box_to_caption_query, where_is_query
 
-    if (args.query is None) == (args.box is None):
-        raise CogVLMError("give exactly one of --query TEXT or --box X0,Y0,X1,Y1")
     args.images = [args.image]
     if args.query is not None:
         return _grounding_run(args, [where_is_query(args.query)])

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CogVLMError
-from ..eval import format_result, parallel, shapes_table, task_list
+from ..eval import format_result, shapes_table, task_list
 from ..eval.runner import Answerer, load_items, run
 from ..eval.served import ServedModel
 from ..eval.tasks import Task, get_task
@@ -20,7 +21,7 @@ DEFAULT_OUT = Path("eval-results")
 
 
 def _check(args: argparse.Namespace, task: Task) -> None:
-    for flag, value in (("--limit", args.limit), ("--n", args.n)):
+    for flag, value in (("--limit", args.limit), ("--n", args.n), ("--num-beams", args.num_beams)):
         if value is not None and value < 1:
             raise CogVLMError(f"{flag} must be >= 1 (got {value})")
     if args.batch_size < 1:
@@ -34,6 +35,8 @@ def _check(args: argparse.Namespace, task: Task) -> None:
         wrong = [f for f in loading if getattr(args, f[2:].replace("-", "_"))]
         if wrong:
             raise CogVLMError(f"--api-base scores a served model: drop {', '.join(wrong)}")
+        if (args.num_beams or 1) > 1:
+            raise CogVLMError("--api-base: a served model answers greedily, drop --num-beams")
     if task is SHAPES:
         wrong = [f for f, v in (("--data", args.data), ("--split", args.split), ("--limit", args.limit)) if v]
         if wrong:
@@ -54,9 +57,20 @@ def _model_name(model: str | None) -> str:
     return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
+def _task(args: argparse.Namespace) -> Task:
+    """The task the flags name, checked, with --num-beams applied (before anything is loaded)."""
+    if args.task is None:
+        raise CogVLMError("give a TASK (cogvlm eval --list shows them)")
+    task = get_task(args.task)
+    _check(args, task)
+    return task if args.num_beams is None else dataclasses.replace(task, num_beams=args.num_beams)
+
+
 def _answerer(args: argparse.Namespace) -> tuple[Answerer | Callable[[], Answerer], str]:
     """What answers, and the name results are filed under: a served model (--api-base), or a
     loader of the model that loads on first call (a finished run is rescored without it)."""
+    from ..eval import parallel
+
     if args.api_base:
         served = ServedModel(args.api_base, args.served_model, args.api_key)
         return served, served.label
@@ -66,11 +80,13 @@ def _answerer(args: argparse.Namespace) -> tuple[Answerer | Callable[[], Answere
 
 def _say(text: str) -> None:
     """Print once: on rank 0 of a multi-process launch."""
+    from ..eval import parallel
+
     if parallel.world()[0] == 0:
         print(text)
 
 
-def _run_shapes(args: argparse.Namespace) -> None:
+def _run_shapes(args: argparse.Namespace, task: Task) -> None:
     pipeline, model = _answerer(args)
     n, seed = args.n or DEFAULT_N, HELDOUT_SEED if args.seed is None else args.seed
     results = []
@@ -78,7 +94,7 @@ def _run_shapes(args: argparse.Namespace) -> None:
         split = f"seed{seed}-n{n}" + ("-shuffled" if shuffle else "")
         results.append(
             run(
-                SHAPES,
+                task,
                 shapes_items(n, seed, shuffle),
                 pipeline,
                 split=split,
@@ -94,17 +110,16 @@ def _run_shapes(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`cogvlm eval ...`: 0 on success; Ctrl-C says how to resume. Under torchrun / accelerate
     launch the processes share the questions (see cogvlm.eval.parallel)."""
+    if args.list:
+        print(task_list())
+        return 0
+    task = _task(args)
+    from ..eval import parallel  # torch.distributed: only once the flags are known to be good
+
     joined = parallel.init_from_env()
     try:
-        if args.list:
-            print(task_list())
-            return 0
-        if args.task is None:
-            raise CogVLMError("give a TASK (cogvlm eval --list shows them)")
-        task = get_task(args.task)
-        _check(args, task)
-        if task is SHAPES:
-            _run_shapes(args)
+        if task.name == SHAPES.name:
+            _run_shapes(args, task)
             return 0
         split = args.split or task.splits[0]
         items, skipped = load_items(task, args.data, split, args.limit)  # fail before loading the model
@@ -136,6 +151,13 @@ def register(sub: Any) -> None:
     p.add_argument("--split", help="split to score (default: the task's first, see --list)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        metavar="N",
+        help="beam search with N beams (default: the task's, greedy; the official captioning "
+        "script's commented-out setting is 5); recorded in the run's settings",
+    )
     p.add_argument(
         "--out",
         type=Path,

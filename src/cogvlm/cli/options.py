@@ -152,7 +152,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding settings given on the command line, checked now (before the model loads)."""
-    from ..generation import GenerationConfig
+    from ..generation.config import GenerationConfig
 
     names = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

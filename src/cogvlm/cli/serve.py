@@ -12,9 +12,6 @@ from .options import add_loading_flags, load_options, load_pipeline
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..loading import resolve_folder
-    from ..serve import EngineSettings, MediaPolicy, ServeSettings, create_app, serve_forever
-
     checks = {
         "max_batch": (args.max_batch, 1, "--max-batch must be >= 1"),
         "max_queue": (args.max_queue, 0, "--max-queue must be >= 0"),
@@ -23,6 +20,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for value, least, message in checks.values():
         if value is not None and value < least:
             raise CogVLMError(message)
+    from ..loading import resolve_folder
+    from ..serve import EngineSettings, MediaPolicy, ServeSettings, create_app, serve_forever
+
     engine = EngineSettings(**{name: value for name, (value, _, _) in checks.items() if value is not None})
     options = load_options(args)
     folder = resolve_folder(options.model, options.revision)

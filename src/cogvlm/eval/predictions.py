@@ -25,6 +25,15 @@ def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def _differ(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether `key` differs: in one dict only, or in both with other values."""
+    return (key in a, a.get(key)) != (key in b, b.get(key))
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "absent"
+
+
 class PredictionLog:
     """One predictions file (the main one or a process's part)."""
 
@@ -57,7 +66,12 @@ class PredictionLog:
         return {k: r["raw"] for k, r in rows.items()}
 
     def _check(self, logged: dict[str, Any]) -> None:
-        changed = [f"{k}: {logged.get(k)!r} != {v!r}" for k, v in self.settings.items() if logged.get(k) != v]
+        """Refuse a file whose settings differ in any key of either run (a key one run lacks, such as
+        a beam run's num_beams, differs), so greedy and beam answers never mix."""
+        keys = dict.fromkeys([*self.settings, *logged])
+        changed = [
+            f"{k}: {_shown(logged, k)} != {_shown(self.settings, k)}" for k in keys if _differ(logged, self.settings, k)
+        ]
         if changed:
             raise CogVLMError(
                 f"{self.path}: predictions of another run ({'; '.join(changed)}); use another --out or delete the file"

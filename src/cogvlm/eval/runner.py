@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from ..errors import CogVLMError
 from ..fileio import atomic_write_text
-from . import parallel
 from .predictions import RunPredictions
 from .tasks import DOCS, Item, Task
 from .tasks.shapes import DEFAULT_N, HELDOUT_SEED, SHAPES, shapes_items
@@ -184,6 +183,8 @@ def run(
     Under torchrun / accelerate launch (a joined process group, see `parallel`) every process
     answers its shard into its own part file; rank 0 then merges the parts, scores once and
     writes the files, and every process returns rank 0's result."""
+    from . import parallel  # torch.distributed: imported by a run, not with the package (the CLI checks first)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task.name}-{split}"

@@ -8,13 +8,35 @@ A seeded, sampled batch draws row i with seed + i (`row_seeds`); beam search (`b
 scores as transformers' does.
 """
 
-from .cache import KVCache, SlotCache
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 from .config import GenerationConfig
-from .decoder import BatchDecoder, DecodeState
-from .generate import generate_sequences
-from .sampling import row_seeds, sample
-from .search import BeamSettings, Hypothesis, beam_search
-from .step import decode_one_token, prefill
+
+if TYPE_CHECKING:
+    from .cache import KVCache, SlotCache
+    from .decoder import BatchDecoder, DecodeState
+    from .generate import generate_sequences
+    from .sampling import row_seeds, sample
+    from .search import BeamSettings, Hypothesis, beam_search
+    from .step import decode_one_token, prefill
+
+#: The names whose modules import torch, imported on first use (the CLI checks settings without torch).
+_LAZY = {
+    "KVCache": "cache",
+    "SlotCache": "cache",
+    "BatchDecoder": "decoder",
+    "DecodeState": "decoder",
+    "generate_sequences": "generate",
+    "row_seeds": "sampling",
+    "sample": "sampling",
+    "BeamSettings": "search",
+    "Hypothesis": "search",
+    "beam_search": "search",
+    "decode_one_token": "step",
+    "prefill": "step",
+}
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 __all__ = [
     "GenerationConfig",
