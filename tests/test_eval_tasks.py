@@ -66,6 +66,13 @@ def test_registry_has_every_task_with_a_scorer_and_the_papers_numbers():
         ("vqav2", "test-dev2015"): 82.3,
         ("textvqa", "val"): 70.4,
         ("coco-caption", "test"): 148.7,
+        ("okvqa", "val2014"): 64.8,  # paper v2, Table 2 (CogVLM-Chat)
+        ("ocrvqa", "test"): 73.8,
+        ("scienceqa", "test"): 91.2,
+        ("tdiuc", "val2014"): 94.0,  # appendix B
+        ("nocaps", "val"): 128.3,  # Table 1 (base, zero-shot)
+        ("flickr30k", "test"): 94.9,
+        ("textcaps", "test"): 144.9,
         ("refcoco", "val"): 92.76,
         ("refcoco", "testA"): 94.75,
         ("refcoco", "testB"): 88.99,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..metrics.choice import ocrvqa_match
 from ..metrics.vqa import clean_short_answer
-from . import Item, Task, layout, read_json
+from . import Item, Paper, Task, layout, read_json
 
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 
@@ -46,6 +46,7 @@ TASKS = (
         clean=clean_short_answer,
         score=_score,
         skip_missing_images=True,
+        paper=(Paper("test", 73.8, "CogVLM-Chat, in its fine-tuning data"),),
         files="dataset.json, images/{image id}.jpg",
     ),
 )

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..metrics.choice import LETTERS, scienceqa_match
-from . import Item, Task, layout, read_json
+from . import Item, Paper, Task, layout, read_json
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -59,6 +59,7 @@ TASKS = (
         load=load_scienceqa,
         clean=str.strip,
         score=_score,
+        paper=(Paper("test", 91.2, "CogVLM-Chat, in its fine-tuning data"),),
         files="problems.json, pid_splits.json, images/{split}/{pid}/{image}",
     ),
 )

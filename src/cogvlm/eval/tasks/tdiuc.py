@@ -14,7 +14,7 @@ from pathlib import Path
 from ...errors import CogVLMError
 from ..metrics.tdiuc import tdiuc_match, tdiuc_scores
 from ..metrics.vqa import clean_short_answer
-from . import Item, Task, layout, read_json
+from . import Item, Paper, Task, layout, read_json
 
 QUESTIONS = "Questions/OpenEnded_mscoco_{split}_questions.json"
 ANNOTATIONS = "Annotations/mscoco_{split}_annotations.json"
@@ -60,6 +60,7 @@ TASKS = (
         clean=clean_short_answer,
         score=_score,  # the running accuracy on the progress bar
         corpus=_corpus,
+        paper=(Paper("val2014", 94.0, "checkpoint not named; the paper's appendix B"),),
         files=f"{QUESTIONS}, {ANNOTATIONS}, {IMAGE}",
     ),
 )

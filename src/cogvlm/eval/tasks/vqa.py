@@ -124,7 +124,7 @@ TASKS = (
         "official",
         _coco_vqa("v2_OpenEnded_mscoco_{split}_questions.json", "v2_mscoco_{split}_annotations.json"),
         "v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json, val2014/ or test2015/ images",
-        paper=(Paper("test-dev2015", 82.3),),
+        paper=(Paper("test-dev2015", 82.3, "CogVLM-Chat, in its fine-tuning data"),),
     ),
     _task(
         "okvqa",
@@ -133,6 +133,7 @@ TASKS = (
         _coco_vqa("OpenEnded_mscoco_{split}_questions.json", "mscoco_{split}_annotations.json"),
         "OpenEnded_mscoco_val2014_questions.json, mscoco_val2014_annotations.json, val2014/ images",
         submission=None,
+        paper=(Paper("val2014", 64.8, "CogVLM-Chat, in its fine-tuning data"),),
     ),
     _task(
         "textvqa",
@@ -140,7 +141,7 @@ TASKS = (
         "evalai",
         load_textvqa,
         "TextVQA_0.5.1_{split}.json, train_images/ or test_images/",
-        paper=(Paper("val", 70.4, "split not verified"),),
+        paper=(Paper("val", 70.4, "CogVLM-Chat, in its fine-tuning data"),),
     ),
     _task(
         "vizwiz",
