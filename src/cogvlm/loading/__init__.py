@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from ..model.cogvlm import CogVLMForCausalLM
 from ..tokenizer import load_tokenizer
 from .files import resolve_dtype
+from .packing import pack_linears
 from .placement import DeviceMap, check_device, choose_setting, free_memory, load_placed, read_device_map
 from .quantize import read_quantization
 
@@ -47,6 +48,7 @@ class LoadOptions:
     quantize: str | None = None  # 'int8', 'int4', 'nf4'
     quantize_vision: bool = False
     progress: bool = False
+    pack: bool = True  # on the CPU, unquantised, fp32/bf16: linear weights prepacked for oneDNN (`packing`)
 
     def replace(self, **changes: Any) -> "LoadOptions":
         return LoadOptions(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
@@ -198,6 +200,9 @@ def load(options: LoadOptions = LoadOptions(), model_class: type[nn.Module] = Co
         model_class=model_class,
         **placement,
     )
+    whole_on_cpu = all(p.device.type == "cpu" for p in net.parameters())
+    if options.pack and whole_on_cpu and not placement.get("device_map") and not placement.get("quantize"):
+        pack_linears(net)
     return Loaded(net, tokenizer, folder, generation_defaults(folder), note)
 
 
