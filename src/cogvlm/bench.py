@@ -26,6 +26,7 @@ from .config import get_preset
 from .dropin import CogVLMForCausalLM
 from .generation import BatchDecoder, GenerationConfig
 from .loading.files import resolve_dtype
+from .loading.packing import pack_linears
 from .prompts import build_conversation_input_ids, collate
 
 _LOAD_PROBE = """
@@ -54,7 +55,7 @@ class _DigitTokenizer:
         return [3 + ord(c) % 250 for c in text]
 
 
-def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     """Bytes per second this machine reads from memory (best of a few full-tensor sums)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     x.sum()
@@ -96,7 +97,7 @@ def _kv_bytes(model: CogVLMForCausalLM, context: int, batch: int) -> int:
     only (grouped-query attention: CogVLM2 keeps a quarter of the query heads' width)."""
     cfg = model.config
     width = cfg.num_kv_heads * cfg.head_dim
-    return 2 * cfg.num_hidden_layers * batch * context * width * model.lm_head.weight.element_size()
+    return 2 * cfg.num_hidden_layers * batch * context * width * model.dtype.itemsize
 
 
 def run_bench(
@@ -106,8 +107,10 @@ def run_bench(
     new_tokens: int = 32,
     device: str = "cpu",
     out: str | None = None,
+    pack: bool = True,
 ) -> dict[str, Any]:
-    """Measure and print the figures; returns them as a dict."""
+    """Measure and print the figures; returns them as a dict. `pack`: on the CPU, the linear
+    weights prepacked for oneDNN as `cogvlm.load` does (`cogvlm.loading.packing`)."""
     config = get_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(0)
@@ -134,6 +137,8 @@ def run_bench(
     }
 
     model = model.to(device)
+    weight_read = _decode_bytes(model, 0, 1)  # counted before packing: packed weights are not parameters
+    figures["packed_linears"] = pack_linears(model) if pack and torch.device(device).type == "cpu" else 0
     tok = _DigitTokenizer()
     size = config.vision_config.image_size
 
@@ -166,7 +171,7 @@ def run_bench(
     prompt = len(request(0)["input_ids"])
     context = prompt + new_tokens
     bandwidth = memory_bandwidth()
-    floor = _decode_bytes(model, context, 1) / bandwidth
+    floor = (weight_read + _kv_bytes(model, context, 1)) / bandwidth
     figures |= {
         "image_tokens": config.image_tokens,
         "prompt_tokens": prompt,

@@ -64,7 +64,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import run_bench
 
     run_bench(
-        args.preset, dtype=args.dtype, batch=args.batch, new_tokens=args.new_tokens, device=args.device, out=args.out
+        args.preset,
+        dtype=args.dtype,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        device=args.device,
+        out=args.out,
+        pack=not args.no_pack,
     )
     return 0
 
@@ -131,6 +137,9 @@ def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8, help="the batched decode size")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--no-pack", action="store_true", help="plain linear layers on the CPU (default: weights prepacked for oneDNN)"
+    )
     p.add_argument("--out", help="also write the figures as JSON here")
 
     p = sub.add_parser("data", help="datasets")
