@@ -7,11 +7,13 @@ import base64
 import io
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 from PIL import Image
 
 import cogvlm
+from cogvlm.eval.metrics.grounding import box_iou
 from cogvlm.serve import ServeSettings, create_app, running
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
@@ -64,4 +66,9 @@ def test_grounding_boxes(client, vlm):
     assert message.content == vlm.chat("Where is the red star?", SCENE, template_version="base", max_new_tokens=32)
     assert "[[" in message.content
     boxes = message.model_extra["boxes"]
-    assert boxes and all(len(b["pixels"]) == 4 and min(b["pixels"]) >= 0 for b in boxes)
+    assert boxes, message.content
+    # The star is the scene's only red shape: its box is where the red pixels are.
+    rgb = np.asarray(Image.open(SCENE).convert("RGB"), dtype=int)
+    ys, xs = np.nonzero((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80))
+    star = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert box_iou(boxes[0]["pixels"], star) >= 0.5, (boxes[0], star)  # depends on the model (68% Acc@0.5 held out)
