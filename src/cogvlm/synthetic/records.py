@@ -337,14 +337,6 @@ def _articles(text: str) -> str:
     return _A_BEFORE_VOWEL.sub(r"\1n ", text)
 
 
-def _template(scene: Scene, task: str, rng: random.Random) -> str:
-    """The task's template; a varied scene's caption is asked half the time with the default `vqa`
-    template too, as `cogvlm ask IMAGE --query "Describe the image."` asks it."""
-    if scene.look is not None and task == "caption" and rng.random() < 0.5:
-        return "vqa"
-    return TEMPLATE_OF_TASK[task]
-
-
 def _more_turns(
     scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str], turns: int
 ) -> list[tuple[str, str]]:
@@ -399,7 +391,7 @@ def make_records(
                 "conversations": [
                     {"role": role, "content": text} for q, a in qas for role, text in (("user", q), ("assistant", a))
                 ],
-                "template_version": _template(scene, task, rng),
+                "template_version": TEMPLATE_OF_TASK[task],
                 "task": task,
             }
         )
