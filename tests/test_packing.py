@@ -46,3 +46,14 @@ def test_quantised_and_mapped_models_are_not_packed(reference_dir):
 def test_pack_linears_leaves_other_dtypes_alone():
     net = nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 8))
     assert pack_linears(net) == 1 and type(net[0]) is nn.Linear and isinstance(net[1], PackedLinear)
+
+
+def test_quantised_weights_in_plain_linears_are_left_alone():
+    """A saved int8 folder loads as nn.Linear holding a quantised tensor subclass: not packable."""
+
+    class Quantised(torch.Tensor):
+        pass
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    net[0].weight = nn.Parameter(net[0].weight.detach().as_subclass(Quantised), requires_grad=False)
+    assert pack_linears(net) == 1 and type(net[0]) is nn.Linear and isinstance(net[1], PackedLinear)

@@ -41,14 +41,20 @@ def can_pack() -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every plain `nn.Linear` on the CPU in float32 / bfloat16 by a `PackedLinear`, one at a
-    time (the plain weight is freed as its packed copy is made); returns how many were packed."""
+    """Replace every plain `nn.Linear` whose weight is a dense CPU tensor in float32 / bfloat16 by a
+    `PackedLinear`, one at a time (the plain weight is freed as its packed copy is made); returns how
+    many were packed."""
     if not can_pack():
         return 0
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKABLE:
+            if type(child) is nn.Linear and _plain_cpu(child.weight):
                 setattr(module, name, PackedLinear(child))
                 count += 1
     return count
+
+
+def _plain_cpu(weight: torch.Tensor) -> bool:
+    """A plain dense CPU tensor in fp32/bf16 (not a quantised tensor subclass, as a saved int8 folder holds)."""
+    return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype in PACKABLE
