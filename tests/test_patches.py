@@ -69,6 +69,21 @@ def test_patch_dataset_draws_the_language_tasks_scenes():
     assert item["pixels"].shape == (3, vision.image_size, vision.image_size)
 
 
+def test_patch_dataset_draws_varied_scenes_with_their_targets():
+    """`varied: true` gives the language tasks' varied scenes (any canvas), targets over the whole canvas."""
+    vision = PRESETS["tiny"].vision_config
+    grid = vision.image_size // vision.patch_size
+    data = PatchDataset([{"type": "synthetic", "seed": 6, "varied": True}], PRESETS["tiny"], seed=0)
+    for index in range(4):
+        scene = synthetic.make_varied_scene(random.Random(f"6:{index}"))
+        want = patch_targets(scene, grid)
+        item = data[index]
+        assert torch.equal(item["kind"], want["kind"]) and torch.equal(item["color"], want["color"])
+        assert item["pixels"].shape == (3, vision.image_size, vision.image_size)
+    kinds = {int(k) for index in range(200) for k in data[index]["kind"]}
+    assert 1 + synthetic.KINDS.index("ellipse") in kinds  # the new kind has a class of its own
+
+
 def test_only_synthetic_sources_are_accepted(tmp_path):
     with pytest.raises(TrainError, match="must be {type: synthetic"):
         run(config(tmp_path, data=[{"type": "jsonl", "path": "x.jsonl"}]))

@@ -77,8 +77,8 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> dict[str, torch.Tensor]:
 class PatchDataset(Dataset):
     """Item i: scene i of a weighted choice among synthetic sources, as pixels and patch targets.
 
-    Scene k of a source with seed s is `make_scene(random.Random(f"{s}:{k}"), size, easy=easy)`,
-    the scenes the language tasks of the same seed are asked about.
+    Scene k of a source with seed s is `draw_scene(random.Random(f"{s}:{k}"), size, varied=varied,
+    easy=easy)`, the scenes the language tasks of the same seed are asked about.
     """
 
     def __init__(self, specs: Sequence[dict], config: CogVLMConfig, seed: int, heldout: bool = False) -> None:
@@ -89,7 +89,7 @@ class PatchDataset(Dataset):
         self.seed = seed
 
     @staticmethod
-    def _source(spec: dict, config: CogVLMConfig, heldout: bool) -> tuple[int, int, bool]:
+    def _source(spec: dict, config: CogVLMConfig, heldout: bool) -> tuple[int, int, bool, bool]:
         spec = dict(spec)
         if spec.pop("type", None) != "synthetic":
             raise TrainError(
@@ -99,17 +99,17 @@ class PatchDataset(Dataset):
         spec.pop("weight", None)
         seed = int(spec.pop("seed", 0)) + (HELDOUT_SEED_OFFSET if heldout else 0)
         size = spec.pop("size", None) or config.vision_config.image_size
-        easy = bool(spec.pop("easy", False))
+        easy, varied = bool(spec.pop("easy", False)), bool(spec.pop("varied", False))
         if spec:
             raise TrainError(
                 f"objective patches: synthetic source option(s) {', '.join(sorted(spec))} "
-                "do not apply (use seed, size, easy, weight)"
+                "do not apply (use seed, size, easy, varied, weight)"
             )
-        return seed, int(size), easy
+        return seed, int(size), easy, varied
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seed, size, easy = self.sources[pick_source(self.seed, index, self.weights)]
-        scene = synthetic.make_scene(random.Random(f"{seed}:{index}"), size, easy=easy)
+        seed, size, easy, varied = self.sources[pick_source(self.seed, index, self.weights)]
+        scene = synthetic.draw_scene(random.Random(f"{seed}:{index}"), size, varied=varied, easy=easy)
         return {"pixels": preprocess(scene.render(), self.image_size), **patch_targets(scene, self.grid)}
 
 
