@@ -39,10 +39,6 @@ _MAX_EXTENT = {1: 0.75, 2: 0.45, 3: 0.38, 4: 0.32, 5: 0.28, 6: 0.25}
 _MIN_EXTENT = 0.05
 
 
-def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
-    return math.dist(a, b)
-
-
 def _background(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
     """A plain light, dark or saturated colour, or a gradient between two random colours."""
     r = rng.random()
@@ -125,7 +121,7 @@ def make_varied_scene(rng: random.Random, *, min_shapes: int = 1, max_shapes: in
     shapes: list[Shape] = []
     for color, kind in _names(rng, n):
         rgb = _rgb(rng, color)
-        if min(_distance(rgb, b) for b in look.background_colors()) < MIN_CONTRAST:
+        if min(math.dist(rgb, b) for b in look.background_colors()) < MIN_CONTRAST:
             continue  # the background would hide it
         upper = _MAX_EXTENT[n]
         extent = side * math.exp(rng.uniform(math.log(_MIN_EXTENT), math.log(upper)))
