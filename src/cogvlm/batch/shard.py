@@ -84,8 +84,10 @@ class Group:
         dist.all_gather_object(values, value)
         return values
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if self._owned:
             import torch.distributed as dist
 
+            if exc_type is None:
+                dist.barrier()  # no process tears its group down while another is still in one
             dist.destroy_process_group()
