@@ -196,11 +196,17 @@ def _admit(state, vlm, sample, config=GenerationConfig()):
     return row, state.admit([row], batch)
 
 
-def test_rows_join_free_slots_and_leave_in_place(vlm, images):
+@pytest.mark.parametrize("whole_slot", [False, True], ids=["columns-in-use", "whole-slot"])
+def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole_slot):
     """Rows join at different steps (an image prompt among text ones), one leaves and a newcomer
     takes its slot: each row's logits at every step equal its lone full forward, and the cache is
-    the same memory throughout."""
+    the same memory throughout. Also when each step attends over the whole slot (what the CPU
+    does once most of it is in use), where the columns past each row's end hold a freed row's
+    keys and values or nothing."""
+    from cogvlm.generation import cache
     from cogvlm.generation.decoder import DecodeState, pick_tokens
+
+    monkeypatch.setattr(cache, "WHOLE_SLOT_SHARE", 0.0 if whole_slot else 2.0)
 
     model = vlm.model
     samples = [

@@ -139,9 +139,11 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
     mask[1, ..., :10] = False  # a left-padded row
     mask[2, ..., 30:] = False  # a slot with free columns after its tokens
+    stored_by_column = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # the fp32 CPU value cache's layout
     for m in (None, mask):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
         torch.testing.assert_close(attend_one(q, k, v, m), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attend_one(q, k, stored_by_column, m), want, rtol=1e-5, atol=1e-6)
     got = attend_one(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
     torch.testing.assert_close(
         got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads), rtol=0.03, atol=0.03

@@ -103,11 +103,17 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     b, h, _, head_dim = q.shape
     hkv = k.shape[1]
     grouped = (q * head_dim**-0.5).reshape(b, hkv, h // hkv, head_dim)  # (B, Hkv, G, K): G heads per KV head
-    scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
+    # keys times queries, not queries times keys: the kernel reads key rows in order (2-3x faster in
+    # fp32, and in bf16 it takes a column slice of a slot as it is where the other order copies it)
+    scores = torch.matmul(k, grouped.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, S, G) -> (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, 1, head_dim)  # (B, H, 1, K)
+    if v.stride(-2) == 1:  # values stored as (B, Hkv, K, S) (the fp32 CPU cache): read as rows
+        ctx = torch.matmul(v.transpose(-1, -2), probs.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, G, K)
+    else:
+        ctx = torch.matmul(probs, v)  # (B, Hkv, G, K)
+    return ctx.reshape(b, h, 1, head_dim)  # (B, H, 1, K)
 
 
 def route(
@@ -176,6 +182,8 @@ class VisionExpertAttention(nn.Module):
             cache_k[:, :, cache_start:end] = k
             cache_v[:, :, cache_start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+            if t > 1 and v.stride(-1) != 1:  # SDPA reads values stored (B, Hkv, K, S) 3x slower than a copy
+                v = v.contiguous()
         if t == 1 and q.device.type == "cpu":
             ctx = attend_one(q, k, v, attn_mask)
         else:  # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
