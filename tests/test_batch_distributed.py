@@ -42,3 +42,21 @@ def test_a_local_ray_cluster_with_two_cpu_actors_gives_the_rows_of_one_process(d
     assert read_rows(out) == reference["rows"]
     assert {e["id"] for e in read_rows(summary.errors)} == {"broken.png", "deep/cut.png", "gone"}
     assert not ray.is_initialized()  # the instance started for the job is stopped after it
+
+
+def test_a_process_meets_the_others_before_leaving_the_group_unless_its_job_failed(monkeypatch):
+    """A clean exit waits at a barrier (no process tears the group down while another is still in
+    a collective); after a failure it leaves at once (the others may be gone: a barrier would hang)."""
+    import torch.distributed as dist
+
+    from cogvlm import launcher
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    launcher.leave()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    launcher.leave(clean=False)
+    assert calls == ["destroy"]

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cogvlm import launcher
 from cogvlm.cli import main
 from cogvlm.errors import CogVLMError
-from cogvlm.eval import get_task, load_items, parallel, run
+from cogvlm.eval import get_task, load_items, run
 from cogvlm.eval.parallel import shard
 
 ANSWERS = ["yes", "no", "left", "red", "two", "yes", "cat", "blue", "no", "dog", "three", "right"]
@@ -83,9 +84,9 @@ def ranks(monkeypatch):
     a real barrier (outside them: one process). A rank that raises breaks the barrier, so the
     others stop too, as torchrun stops every process when one dies. Returns each rank's result."""
     local, shared = threading.local(), {}
-    monkeypatch.setattr(parallel, "world", lambda: (getattr(local, "rank", 0), getattr(local, "size", 1)))
-    monkeypatch.setattr(parallel, "barrier", lambda: getattr(local, "size", 1) > 1 and shared["barrier"].wait(30))
-    monkeypatch.setattr(parallel, "from_rank0", lambda value: value)  # rank 0 returns the result
+    monkeypatch.setattr(launcher, "world", lambda: (getattr(local, "rank", 0), getattr(local, "size", 1)))
+    monkeypatch.setattr(launcher, "barrier", lambda: getattr(local, "size", 1) > 1 and shared["barrier"].wait(30))
+    monkeypatch.setattr(launcher, "from_rank0", lambda value: value)  # rank 0 returns the result
 
     def launch(size: int, work) -> tuple[list, list]:
         shared["barrier"] = threading.Barrier(size)
@@ -160,8 +161,8 @@ def test_a_crash_resumes_with_another_number_of_processes(gqa_dir, tmp_path, ran
 
 
 def test_merge_refuses_when_a_question_has_no_answer(gqa_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(parallel, "world", lambda: (0, 2))  # rank 1 never comes: half the questions unasked
-    monkeypatch.setattr(parallel, "barrier", lambda: None)
+    monkeypatch.setattr(launcher, "world", lambda: (0, 2))  # rank 1 never comes: half the questions unasked
+    monkeypatch.setattr(launcher, "barrier", lambda: None)
     with pytest.raises(CogVLMError, match="6 questions have no answer after the run"):
         run_gqa(gqa_dir, tmp_path / "out", Fake())
 
@@ -219,15 +220,15 @@ def test_torchrun_kill_and_resume_with_three_processes(gqa_dir, tmp_path):
 def worker(data: str, out: str, crash_rank: str) -> None:
     """One torchrun process of the crash test: run gqa with the fake model, the process of rank
     `crash_rank` dying at its second batch; write what this process was asked to asked{rank}.json."""
-    parallel.init_from_env()
-    rank = parallel.world()[0]
+    launcher.join()
+    rank = launcher.world()[0]
     pipeline = Fake(crash_at=2 if rank == int(crash_rank) else None)
     try:
         run_gqa(Path(data), Path(out), pipeline)
     except KeyboardInterrupt:
         os._exit(1)  # like a killed process: no cleanup
     (Path(out) / f"asked{rank}.json").write_text(json.dumps(pipeline.asked))
-    parallel.shutdown()
+    launcher.leave()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import launcher
 from ..errors import CogVLMError
 from ..loading import DEFAULT_MODEL, LoadOptions
 from ..pipeline import Pipeline, load
 from ..prompts import GROUNDED_CAPTION
 from .job import CAPTION_QUERY, BatchJob, BatchSummary, Tally
-from .shard import Group, Shard
+from .shard import Shard
 from .sources import Columns, Item, collect
 from .store import Journal, OutputStore
 
@@ -78,10 +79,11 @@ def batch_infer(
     if ray is not None and isinstance(model, Pipeline):
         raise CogVLMError("a Ray job loads the model in its actors: give a folder, hub id or LoadOptions")
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    with Group(shard) as group:
+    joined, clean = launcher.join(), False
+    try:
         if overwrite and shard.rank == 0:
             store.reset()
-        group.barrier()
+        launcher.barrier()
         items = collect(paths, columns)
         done = store.done_ids()
         todo = [item for item in items if item.id not in done and shard.owns(item.id)]
@@ -91,9 +93,13 @@ def batch_infer(
         finally:
             rows.close()
             errors.close()
-        tallies = group.gather(tally)  # every process is done once this returns
+        tallies = launcher.gather(tally)  # every process is done once this returns
         if shard.rank == 0:
             store.merge([item.id for item in items])
+        clean = True
+    finally:
+        if joined:
+            launcher.leave(clean)
     busy = [t.busy / t.seconds for t in tallies if t.seconds > 0 and ray is None]
     return BatchSummary(
         out=store.out,

@@ -12,13 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-import torch
-
-#: How long a process waits at the end for the slowest one.
-MEET_TIMEOUT = timedelta(hours=24)
+from ..launcher import local_gpu
 
 
 def shard_of(item_id: str, world: int) -> int:
@@ -46,48 +42,5 @@ class Shard:
     def place(self, options: Any) -> Any:
         """LoadOptions putting this process on its own GPU (LOCAL_RANK) when there are several
         processes and GPUs and no explicit placement; the options unchanged otherwise."""
-        if self.world == 1 or options.device_map is not None or str(options.device) not in ("auto", "cuda"):
-            return options
-        if not torch.cuda.is_available():
-            return options
-        return options.replace(device=f"cuda:{self.local_rank % torch.cuda.device_count()}")
-
-
-class Group:
-    """The launcher's processes meeting (a no-op for one process); a context manager."""
-
-    def __init__(self, shard: Shard) -> None:
-        self.shard = shard
-        self._owned = False
-
-    def __enter__(self) -> "Group":
-        import torch.distributed as dist
-
-        if self.shard.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=MEET_TIMEOUT)
-            self._owned = True
-        return self
-
-    def barrier(self) -> None:
-        if self.shard.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every process's `value`, in rank order (on every process)."""
-        if self.shard.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        values: list[Any] = [None] * self.shard.world
-        dist.all_gather_object(values, value)
-        return values
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if self._owned:
-            import torch.distributed as dist
-
-            if exc_type is None:
-                dist.barrier()  # no process tears its group down while another is still in one
-            dist.destroy_process_group()
+        device = options.device if options.device_map is not None else local_gpu(options.device)
+        return options if device == options.device else options.replace(device=device)

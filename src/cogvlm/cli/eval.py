@@ -69,20 +69,20 @@ def _task(args: argparse.Namespace) -> Task:
 def _answerer(args: argparse.Namespace) -> tuple[Answerer | Callable[[], Answerer], str]:
     """What answers, and the name results are filed under: a served model (--api-base), or a
     loader of the model that loads on first call (a finished run is rescored without it)."""
-    from ..eval import parallel
+    from .. import launcher
 
     if args.api_base:
         served = ServedModel(args.api_base, args.served_model, args.api_key)
         return served, served.label
-    args.device = parallel.device_for_rank(args.device)
+    args.device = launcher.local_gpu(args.device)
     return functools.cache(lambda: load_pipeline(args)), _model_name(args.model)
 
 
 def _say(text: str) -> None:
     """Print once: on rank 0 of a multi-process launch."""
-    from ..eval import parallel
+    from .. import launcher
 
-    if parallel.world()[0] == 0:
+    if launcher.world()[0] == 0:
         print(text)
 
 
@@ -114,12 +114,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(task_list())
         return 0
     task = _task(args)
-    from ..eval import parallel  # torch.distributed: only once the flags are known to be good
+    from .. import launcher  # torch.distributed: only once the flags are known to be good
 
-    joined = parallel.init_from_env()
+    joined, clean = launcher.join(), False
     try:
         if task.name == SHAPES.name:
             _run_shapes(args, task)
+            clean = True
             return 0
         split = args.split or task.splits[0]
         items, skipped = load_items(task, args.data, split, args.limit)  # fail before loading the model
@@ -128,13 +129,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             task, items, pipeline, split=split, model=model, out=args.out, batch_size=args.batch_size, skipped=skipped
         )
         _say(format_result(result, args.out))
+        clean = True
         return 0
     except KeyboardInterrupt:
         print("\ncogvlm eval: interrupted; the same command resumes where it stopped", file=sys.stderr)
         return 130
     finally:
         if joined:
-            parallel.shutdown()
+            launcher.leave(clean)
 
 
 def register(sub: Any) -> None:

@@ -180,10 +180,11 @@ def run(
     """Evaluate with resumable predictions and write the run's files (see the module doc).
     `pipeline` may be a function that loads it: it is called only if a question is left to ask.
 
-    Under torchrun / accelerate launch (a joined process group, see `parallel`) every process
+    Under torchrun / accelerate launch (a joined process group, see `cogvlm.launcher`) every process
     answers its shard into its own part file; rank 0 then merges the parts, scores once and
     writes the files, and every process returns rank 0's result."""
-    from . import parallel  # torch.distributed: imported by a run, not with the package (the CLI checks first)
+    from .. import launcher  # torch.distributed: imported by a run, not with the package (the CLI checks first)
+    from . import parallel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,23 +198,23 @@ def run(
         "max_new_tokens": task.max_new_tokens,
         **_beams(task),  # beam answers never resume a greedy file, nor greedy ones a beam file
     }
-    rank, size = parallel.world()
+    rank, size = launcher.world()
     files = RunPredictions(out, stem, settings)
     start = time.perf_counter()
     own = files.own(rank, size)
     own.resume()  # each process cleans its own file before any process reads it
-    parallel.barrier()
+    launcher.barrier()
     answered = files.answered()
-    parallel.barrier()  # all have read the same answers before any process appends one
+    launcher.barrier()  # all have read the same answers before any process appends one
     done = [i for i in items if i.id in answered]
     mine = parallel.shard([i for i in items if i.id not in answered], rank, size)
     if not hasattr(pipeline, "batch") and mine:
         pipeline = pipeline()
     with own.appending(task) as append:  # `done` only feeds the progress bar's running score
         predict(pipeline, task, done + mine, batch_size, answered, append, progress and rank == 0)
-    parallel.barrier()
+    launcher.barrier()
     result = _finish(task, items, files, settings, skipped, start) if rank == 0 else None
-    return parallel.from_rank0(result)
+    return launcher.from_rank0(result)
 
 
 def _finish(
