@@ -163,8 +163,8 @@ def _allocate(model: Any, batch: int, length: int) -> list[tuple[torch.Tensor, t
 def _values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A layer's value cache, (B, Hkv, L, K). For fp32 on the CPU its memory is (B, Hkv, K, L), so
     that a decode step's probabilities-times-values reads it as rows (`attend_one`): MKL's fp32
-    one-row matmul reads a row-major (L, K) block at a third of the bandwidth (2.6 against 1.25 ms
-    a layer at batch 8, bench-490). bf16's kernel is the other way round, and CUDA's indifferent."""
+    one-row matmul reads a row-major (L, K) block at half the bandwidth (2.6 against 1.25 ms a
+    layer at batch 8, bench-490). bf16's kernel is the other way round; CUDA keeps the plain layout."""
     if dtype == torch.float32 and torch.device(device).type == "cpu":
         b, h, length, k = shape
         return torch.zeros(b, h, k, length, dtype=dtype, device=device).transpose(-1, -2)  # (B, Hkv, L, K) view
