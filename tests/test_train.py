@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -593,6 +594,28 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path, capsys):
     assert "mode 'sideways'" in err and "--max_steps: cannot read 'many'" in err and "missing.yaml" in err
     with pytest.raises(TrainError, match="unknown config key"):
         load_config({"lr": 1, "bogus": 2})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"hidden_act": "nope"}, 'hidden_act "nope" is not supported'),
+        ({"vision_config": {"hidden_act": "nope"}}, 'vision_config.hidden_act "nope" is not supported'),
+        ({"num_attention_heads": 5}, "hidden_size 64 is not supported .must be a multiple of num_attention_heads 5"),
+        ({"rope_theta": -1.0}, "rope_theta -1.0 is not supported"),
+        ({"no_such_field": 1}, "model_config: .*no_such_field"),
+    ],
+)
+def test_preset_overrides_get_the_config_checks(tmp_path, capsys, override, message):
+    """A preset with overrides is refused in one line as a config.json with the same values would be,
+    before any model is built (not a KeyError from deep inside the network's construction)."""
+    (tmp_path / "cfg.yaml").write_text(
+        yaml.safe_dump(config(tmp_path / "run", model_config={"preset": "tiny", **override}))
+    )
+    assert train_cli([str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -193,9 +193,11 @@ def model_config_from(spec: Any) -> CogVLMConfig:
     try:
         if "vision_config" in fields:
             fields["vision_config"] = dataclasses.replace(base.vision_config, **fields["vision_config"])
-        return base.replace(**fields)
+        config = base.replace(**fields)
     except TypeError as e:
         raise TrainError(f"model_config: {e}") from None
+    CogVLMConfig.from_dict(config.to_dict(), "model_config")  # the checks a config.json gets (activations, head counts)
+    return config
 
 
 def _matching(model: nn.Module, patterns: list[str], setting: str) -> list[nn.Parameter]:
