@@ -1,11 +1,13 @@
-"""`cogvlm bench`: speed and memory of a preset, measured in one run, with the decode roofline.
+"""`cogvlm bench`: speed and memory of a model, measured in one run, with the decode roofline.
 
-A random model of the preset is saved to a temporary folder (so loading is measured on real
-files), then: load time and peak RSS while loading (in a fresh process); vision encode seconds
-per image; time to first token of an image prompt; decode tokens/s at batch 1 and batch B; the
-KV cache's size (grouped-query attention: the KV heads only) and this process's peak RSS; and
-the roofline: weight (and KV) bytes a decode step must read over this machine's measured memory
-bandwidth, against the step time achieved.
+The model is a checkpoint (`model`: a folder or hub id, loaded as `cogvlm.load` loads it) or a
+random model of a preset saved to a temporary folder (so loading is measured on real files).
+Then: load time and peak RSS while loading (in a fresh process); vision encode seconds per
+image; time to first token of an image prompt; decode tokens/s at batch 1 and at each batch
+size asked for, eagerly and/or replayed as CUDA graphs; the KV cache's size (grouped-query
+attention: the KV heads only); this process's peak RSS, and on CUDA the peak memory allocated
+in each run; and the roofline: weight (and KV) bytes a decode step must read over this
+machine's measured memory bandwidth, against the step time achieved.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +26,10 @@ from PIL import Image
 
 from .config import get_preset
 from .dropin import CogVLMForCausalLM
+from .errors import SettingsError
+from .fileio import atomic_write_text
 from .generation import BatchDecoder, GenerationConfig
+from .loading import load_model, resolve_folder
 from .loading.files import resolve_dtype
 from .loading.packing import pack_linears
 from .prompts import build_conversation_input_ids, collate
@@ -55,12 +60,17 @@ class _DigitTokenizer:
         return [3 + ord(c) % 250 for c in text]
 
 
-def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Bytes per second this machine reads from memory (best of a few full-tensor sums)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
-    return nbytes / best
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 20, device: str = "cpu") -> float:
+    """Bytes per second `device` reads from its memory (best of a few full-tensor sums)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def read() -> None:
+        x.sum()
+        sync()
+
+    read()
+    return nbytes / min(_timed(read) for _ in range(repeats))
 
 
 def _peak_rss() -> int:
@@ -100,45 +110,101 @@ def _kv_bytes(model: CogVLMForCausalLM, context: int, batch: int) -> int:
     return 2 * cfg.num_hidden_layers * batch * context * width * model.dtype.itemsize
 
 
+#: `cuda_graphs`: decode eagerly, replayed as CUDA graphs, or both (each decode figure twice).
+GRAPH_MODES: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def run_bench(
-    preset: str,
+    preset: str | None = "tiny",
     dtype: str = "float32",
-    batch: int = 8,
+    batch: int | Sequence[int] = 8,
     new_tokens: int = 32,
     device: str = "cpu",
     out: str | None = None,
     pack: bool = True,
+    model: str | None = None,
+    cuda_graphs: str = "off",
 ) -> dict[str, Any]:
-    """Measure and print the figures; returns them as a dict. `pack`: on the CPU, the linear
-    weights prepacked for oneDNN as `cogvlm.load` does (`cogvlm.loading.packing`)."""
-    config = get_preset(preset)
+    """Measure and print the figures; returns them as a dict. `model` (a folder, hub id or 'default',
+    the shipped model) replaces
+    the preset's random weights; `batch`: one or more batched decode sizes (batch 1 is always
+    measured); `pack`: on the CPU, the linear weights prepacked for oneDNN as `cogvlm.load` does
+    (`cogvlm.loading.packing`); `cuda_graphs`: a key of GRAPH_MODES (not "off" only on CUDA)."""
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    if any(n < 1 for n in batches) or new_tokens < 2:
+        raise SettingsError(f"batch sizes must be >= 1 and new_tokens >= 2 (got {batches}, {new_tokens})")
+    if cuda_graphs not in GRAPH_MODES:
+        raise SettingsError(f"cuda_graphs must be one of {', '.join(GRAPH_MODES)} (got {cuda_graphs!r})")
+    if cuda_graphs != "off" and torch.device(device).type != "cuda":
+        raise SettingsError(f"CUDA graphs need a CUDA device (got {device})")
     torch_dtype = resolve_dtype(dtype)
-    torch.manual_seed(0)
-    model = CogVLMForCausalLM(config).init_weights().to(torch_dtype).eval()
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    figures: dict[str, Any] = {
-        "preset": preset,
-        "dtype": str(torch_dtype).replace("torch.", ""),
+    with tempfile.TemporaryDirectory() as tmp:
+        if model is None:
+            torch.manual_seed(0)
+            net = CogVLMForCausalLM(get_preset(preset or "tiny")).init_weights().to(torch_dtype).eval()
+            net.save_pretrained(tmp)
+            folder = Path(tmp)
+        else:
+            folder = resolve_folder(None if model == "default" else model)
+            net = load_model(folder, dtype=torch_dtype, device=device, model_class=CogVLMForCausalLM).eval()
+        figures = _header(net, model or preset or "tiny", device) | _load_figures(folder, net, torch_dtype)
+    figures |= _speed_figures(net.to(device), figures, batches, new_tokens, device, pack, GRAPH_MODES[cuda_graphs])
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if out:
+        atomic_write_text(Path(out), json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def _weight_bytes(model: CogVLMForCausalLM) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _header(model: CogVLMForCausalLM, name: str, device: str) -> dict[str, Any]:
+    return {
+        "model": name,
+        "dtype": str(model.dtype).replace("torch.", ""),
         "device": device,
         "threads": torch.get_num_threads(),
-        "weight_MB": round(weight_bytes / 1e6, 1),
+        "weight_MB": round(_weight_bytes(model) / 1e6, 1),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        probe = subprocess.run(
-            [sys.executable, "-c", _LOAD_PROBE, tmp, figures["dtype"]], capture_output=True, text=True, check=True
-        )
-        seconds, base, loaded, touched = (float(v) for v in probe.stdout.split())
-    figures |= {
+
+
+def _load_figures(folder: Path, model: CogVLMForCausalLM, dtype: torch.dtype) -> dict[str, Any]:
+    """Load time and RSS of loading `folder` in `dtype` in a fresh process."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _LOAD_PROBE, str(folder), str(dtype).replace("torch.", "")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds, base, loaded, touched = (float(v) for v in probe.stdout.split())
+    weight_bytes = _weight_bytes(model)
+    return {
         "load_s": round(seconds, 3),
         "load_peak_rss_MB": round(loaded / 1e6, 1),
         "load_rss_growth_over_weights": round((loaded - base) / weight_bytes, 3),
         "rss_growth_after_reading_weights": round((touched - base) / weight_bytes, 3),
     }
 
-    model = model.to(device)
+
+def _speed_figures(
+    model: CogVLMForCausalLM,
+    figures: dict[str, Any],
+    batches: Sequence[int],
+    new_tokens: int,
+    device: str,
+    pack: bool,
+    graph_modes: Sequence[bool],
+) -> dict[str, Any]:
+    """Vision encode, time to first token, decode at batch 1 and each of `batches` in each graph
+    mode, the KV cache and the roofline."""
+    config, dtype, cuda = model.config, model.dtype, torch.device(device).type == "cuda"
     weight_read = _decode_bytes(model, 0, 1)  # counted before packing: packed weights are not parameters
-    figures["packed_linears"] = pack_linears(model) if pack and torch.device(device).type == "cpu" else 0
+    result: dict[str, Any] = {
+        "packed_linears": pack_linears(model) if pack and torch.device(device).type == "cpu" else 0
+    }
     tok = _DigitTokenizer()
     size = config.vision_config.image_size
 
@@ -148,48 +214,57 @@ def run_bench(
         )
 
     with torch.no_grad():
-        pixels = request(0)["images"][0][None].to(device, torch_dtype)
+        pixels = request(0)["images"][0][None].to(device, dtype)
         model.model.encode_images(pixels)
-        figures["vision_encode_s_per_image"] = round(
+        result["vision_encode_s_per_image"] = round(
             min(_timed(lambda: model.model.encode_images(pixels)) for _ in range(3)), 4
         )
 
-    def run(n: int, steps: int) -> tuple[float, float]:
+    def run(n: int, steps: int, graphs: bool) -> tuple[float, float]:
         """(seconds to first token, decode seconds per step) for n image requests."""
-        samples = [request(i) for i in range(n)]
-        data = collate(samples)
-        data["images"] = [[img.to(torch_dtype) for img in imgs] for imgs in data["images"]]
-        config_ = GenerationConfig(max_new_tokens=steps)
-        decoder = BatchDecoder(model, data, [config_] * n, eos_token_id=None)
+        data = collate([request(i) for i in range(n)])
+        data["images"] = [[img.to(dtype) for img in imgs] for imgs in data["images"]]
+        decoder = BatchDecoder(model, data, [GenerationConfig(max_new_tokens=steps)] * n, None, graphs=graphs)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        stamps = [time.perf_counter() - t0 for _ in decoder]
+        stamps = [time.perf_counter() - t0 for _ in decoder]  # each step ends on a read of its tokens
         return stamps[0], (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 
-    run(1, 2)  # warm-up
-    ttft, step1 = run(1, new_tokens)
-    _, step_b = run(batch, new_tokens)
     prompt = len(request(0)["input_ids"])
     context = prompt + new_tokens
-    bandwidth = memory_bandwidth()
-    floor = (weight_read + _kv_bytes(model, context, 1)) / bandwidth
-    figures |= {
+    result |= {
         "image_tokens": config.image_tokens,
         "prompt_tokens": prompt,
         "kv_cache_MB_b1": round(_kv_bytes(model, context, 1) / 1e6, 1),
-        f"kv_cache_MB_b{batch}": round(_kv_bytes(model, context, batch) / 1e6, 1),
-        "ttft_s": round(ttft, 4),
-        "decode_tok_s_b1": round(1 / step1, 2),
-        f"decode_tok_s_b{batch}": round(batch / step_b, 2),
-        "batch_speedup": round(step1 * batch / step_b, 2),
+    }
+    step1 = 0.0
+    for graphs in graph_modes:
+        tag = "_graphs" if graphs else ""
+        run(1, 2, graphs)  # warm-up (and the graphs' first captures)
+        ttft, step1 = run(1, new_tokens, graphs)
+        result |= {f"ttft_s{tag}": round(ttft, 4), f"decode_tok_s_b1{tag}": round(1 / step1, 2)}
+        if cuda:
+            result[f"peak_gpu_MB_b1{tag}"] = round(torch.cuda.max_memory_allocated() / 1e6, 1)
+        for n in batches:
+            if n == 1:
+                continue
+            _, step_n = run(n, new_tokens, graphs)
+            result |= {
+                f"kv_cache_MB_b{n}": round(_kv_bytes(model, context, n) / 1e6, 1),
+                f"decode_tok_s_b{n}{tag}": round(n / step_n, 2),
+                f"speedup_b{n}_over_b1{tag}": round(step1 * n / step_n, 2),
+            }
+            if cuda:
+                result[f"peak_gpu_MB_b{n}{tag}"] = round(torch.cuda.max_memory_allocated() / 1e6, 1)
+    bandwidth = memory_bandwidth(device=device)
+    floor = (weight_read + _kv_bytes(model, context, 1)) / bandwidth
+    result |= {
         "memory_bandwidth_GB_s": round(bandwidth / 1e9, 2),
         "roofline_step_ms_b1": round(floor * 1e3, 3),
         "decode_step_ms_b1": round(step1 * 1e3, 3),
         "roofline_pct_b1": round(100 * floor / step1, 1),
         "peak_rss_MB": round(_peak_rss() / 1e6, 1),
     }
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if out:
-        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
+    return result

@@ -71,8 +71,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
         pack=not args.no_pack,
+        model=args.model,
+        cuda_graphs=args.cuda_graphs,
     )
     return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """'8' or '1,8,32': the batched decode sizes (checked before anything loads)."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 8 or 1,8,32 (got {text!r})") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1 (got {text!r})")
+    return sizes
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -130,13 +143,20 @@ def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     add_model_flag(p, positional=True)
     p.add_argument("out", metavar="OUT")
 
-    p = sub.add_parser("bench", help="speed and memory of a preset: load, encode, TTFT, decode, roofline")
+    p = sub.add_parser("bench", help="speed and memory of a model: load, encode, TTFT, decode, roofline")
     p.set_defaults(func=cmd_bench)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="random weights of this preset (default: tiny)")
+    p.add_argument("--model", help="a checkpoint folder, hub id or 'default' instead of a preset's random weights")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=8, help="the batched decode size")
+    p.add_argument("--batch", type=_batch_sizes, default=[8], help="batched decode sizes, e.g. 8 or 8,32 (default 8)")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--cuda-graphs",
+        choices=("off", "on", "both"),
+        default="off",
+        help="decode replayed as CUDA graphs (on), eagerly (off) or both, each figure twice (CUDA only)",
+    )
     p.add_argument(
         "--no-pack", action="store_true", help="plain linear layers on the CPU (default: weights prepacked for oneDNN)"
     )

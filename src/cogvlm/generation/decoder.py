@@ -247,7 +247,8 @@ class BatchDecoder:
 
     Rows finish at any of the eos ids, at their max_new_tokens, or when the caller calls
     `finish(row)` (a stop string, a cancelled request); a finished row frees its slot before the
-    next step. The rows decode in a `DecodeState` of one slot each, as the server's do.
+    next step. The rows decode in a `DecodeState` of one slot each, as the server's do; `graphs`
+    as there (replayed as CUDA graphs; None: when the model and cache are on one CUDA device).
     """
 
     def __init__(
@@ -256,8 +257,9 @@ class BatchDecoder:
         batch: dict[str, Any],
         configs: Sequence[GenerationConfig],
         eos_token_id: int | Sequence[int] | None,
+        graphs: bool | None = False,
     ) -> None:
-        self.model, self.configs = model, list(configs)
+        self.model, self.configs, self.graphs = model, list(configs), graphs
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         device = execution_device(model.model.embed_tokens)
         self.batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -277,7 +279,7 @@ class BatchDecoder:
     @torch.no_grad()
     def __iter__(self) -> Iterator[dict[int, int]]:
         b = self.batch["input_ids"].shape[0]
-        state = DecodeState(self.model, b, self.max_len)
+        state = DecodeState(self.model, b, self.max_len, graphs=self.graphs)
         rows = [Row(c, self._prompt_ids(r), self.tokens[r], self.generators[r]) for r, c in enumerate(self.configs)]
         logits = state.admit(rows, self.batch)  # (B, V), row r in slot r
         live = list(range(b))  # the batch rows still decoding
