@@ -2,7 +2,8 @@
 step that fails for one row, a client that leaves mid-stream, a slow reader. Every other request
 gets exactly its lone answer, and the server keeps serving.
 
-The faults are injected into the real model by a wrapper that recognises the faulty requests by
+On a GPU machine (`pytest -m gpu`) every test runs again with the model on CUDA. The faults are
+injected into the real model by a wrapper that recognises the faulty requests by
 their prompt: it raises CUDA's out-of-memory error in their prefill, or writes NaN into their
 own slot of the KV cache (so the network itself makes that row's logits NaN at its next step).
 """
@@ -74,9 +75,15 @@ class Faulty:
         return self.inner(**inputs)
 
 
-@pytest.fixture(scope="module")
-def vlm(reference_model, reference_tokenizer):
-    return Pipeline(reference_model, reference_tokenizer)
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def vlm(request, reference_dir, reference_model, reference_tokenizer):
+    """The reference model on the CPU (CI) and, on a GPU machine, a copy on CUDA, where the engine
+    replays decode steps as CUDA graphs."""
+    if request.param == "cpu":
+        return Pipeline(reference_model, reference_tokenizer)
+    from cogvlm import CogVLMForCausalLM
+
+    return Pipeline(CogVLMForCausalLM.from_pretrained(reference_dir).to("cuda"), reference_tokenizer)
 
 
 @pytest.fixture(scope="module")
