@@ -312,7 +312,8 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=300, help="questions per type")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--tokenizer", default=None, help="for a training checkpoint, which holds none")
     args = parser.parse_args()
-    result = score(cogvlm.load(args.model, device="cpu"), questions(args.n, args.seed))
+    result = score(cogvlm.load(args.model, tokenizer=args.tokenizer, device="cpu"), questions(args.n, args.seed))
     for kind, acc in result.items():
         print(f"{kind:10s} {acc:.3f}")
