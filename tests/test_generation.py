@@ -251,6 +251,34 @@ def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
+def test_bf16_cpu_slots_store_keys_by_column_and_decode_as_the_full_forward(reference_dir, reference_tokenizer, images):
+    """A bf16 model on the CPU keeps its keys (B, Hkv, K, L) in memory (and fp32 its values): the
+    prefill writes them there, each step reads them, and the logits at every step are the lone
+    full forward's (which never reads a cache) to bf16's precision."""
+    from cogvlm import CogVLMForCausalLM
+    from cogvlm.generation.decoder import DecodeState, Row
+
+    model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="bfloat16")
+    vlm = Pipeline(model, reference_tokenizer)
+    sample = vlm.build("Describe this image.", images[0])
+    state = DecodeState(model, 2, 128)
+    keys, values = state.cache.layers[0]
+    assert keys.stride(-2) == 1 and values.stride(-1) == 1  # keys by column, values by row
+    batch = collate([sample])
+    batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
+    row = Row(GenerationConfig(), sample["input_ids"])
+    seen = [state.admit([row], batch)[0]]
+    row.tokens.append(int(seen[0].argmax()))
+    with torch.no_grad():
+        for _ in range(8):
+            state.feed([row])
+            seen.append(state.step()[0])
+            row.tokens.append(int(seen[-1].argmax()))
+    want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
+    got = torch.stack(seen).float()
+    assert (got - want.float()).abs().max().item() < 0.1, (got - want.float()).abs().max().item()
+
+
 def test_a_failed_step_changes_nothing(vlm):
     """A decode step that raises can be made again: it left every row as it was."""
     from cogvlm.generation.decoder import DecodeState

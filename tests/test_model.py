@@ -139,12 +139,15 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
     mask[1, ..., :10] = False  # a left-padded row
     mask[2, ..., 30:] = False  # a slot with free columns after its tokens
-    stored_by_column = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # the fp32 CPU value cache's layout
+
+    def by_column(x):  # the CPU caches' layout for fp32 values and bf16 keys: (B, Hkv, K, S) in memory
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
     for m in (None, mask):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
-        torch.testing.assert_close(attend_one(q, k, v, m), want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(attend_one(q, k, stored_by_column, m), want, rtol=1e-5, atol=1e-6)
-    got = attend_one(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
-    torch.testing.assert_close(
-        got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads), rtol=0.03, atol=0.03
-    )
+        for keys, values in ((k, v), (k, by_column(v)), (by_column(k), v), (by_column(k), by_column(v))):
+            torch.testing.assert_close(attend_one(q, keys, values, m), want, rtol=1e-5, atol=1e-6)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    for keys in (k.bfloat16(), by_column(k.bfloat16())):
+        got = attend_one(q.bfloat16(), keys, v.bfloat16(), mask).float()
+        torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)

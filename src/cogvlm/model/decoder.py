@@ -103,9 +103,11 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     b, h, _, head_dim = q.shape
     hkv = k.shape[1]
     grouped = (q * head_dim**-0.5).reshape(b, hkv, h // hkv, head_dim)  # (B, Hkv, G, K): G heads per KV head
-    # keys times queries, not queries times keys: the kernel reads key rows in order (2-3x faster in
-    # fp32, and in bf16 it takes a column slice of a slot as it is where the other order copies it)
-    scores = torch.matmul(k, grouped.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, S, G) -> (B, Hkv, G, S)
+    if k.stride(-2) == 1:  # keys stored as (B, Hkv, K, S) (the bf16 CPU cache): queries times their rows
+        scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
+    else:  # keys times queries, not queries times keys: the kernel reads key rows in order (2-3x
+        # faster in fp32, and it takes a column slice of a slot as it is where the other order copies it)
+        scores = torch.matmul(k, grouped.transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, S, G) -> (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
@@ -182,8 +184,8 @@ class VisionExpertAttention(nn.Module):
             cache_k[:, :, cache_start:end] = k
             cache_v[:, :, cache_start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-            if t > 1 and v.stride(-1) != 1:  # SDPA reads values stored (B, Hkv, K, S) 3x slower than a copy
-                v = v.contiguous()
+            if t > 1:  # SDPA reads keys or values stored (B, Hkv, K, S) 3x slower than a copy
+                k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         if t == 1 and q.device.type == "cpu":
             ctx = attend_one(q, k, v, attn_mask)
         else:  # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
