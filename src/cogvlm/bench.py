@@ -125,11 +125,11 @@ def run_bench(
     model: str | None = None,
     cuda_graphs: str = "off",
 ) -> dict[str, Any]:
-    """Measure and print the figures; returns them as a dict. `model` (a folder, hub id or 'default',
-    the shipped model) replaces
-    the preset's random weights; `batch`: one or more batched decode sizes (batch 1 is always
-    measured); `pack`: on the CPU, the linear weights prepacked for oneDNN as `cogvlm.load` does
-    (`cogvlm.loading.packing`); `cuda_graphs`: a key of GRAPH_MODES (not "off" only on CUDA)."""
+    """Measure and print the figures; returns them as a dict. `model` (a folder, hub id or
+    'default', the shipped model) replaces the preset's random weights; `batch`: one or more
+    batched decode sizes (batch 1 is always measured); `pack`: on the CPU, the linear weights
+    prepacked for oneDNN as `cogvlm.load` does (`cogvlm.loading.packing`); `cuda_graphs`: a key of
+    GRAPH_MODES (other than "off" only on CUDA)."""
     batches = [batch] if isinstance(batch, int) else list(batch)
     if any(n < 1 for n in batches) or new_tokens < 2:
         raise SettingsError(f"batch sizes must be >= 1 and new_tokens >= 2 (got {batches}, {new_tokens})")
@@ -148,7 +148,7 @@ def run_bench(
             folder = resolve_folder(None if model == "default" else model)
             net = load_model(folder, dtype=torch_dtype, device=device, model_class=CogVLMForCausalLM).eval()
         figures = _header(net, model or preset or "tiny", device) | _load_figures(folder, net, torch_dtype)
-    figures |= _speed_figures(net.to(device), figures, batches, new_tokens, device, pack, GRAPH_MODES[cuda_graphs])
+    figures |= _speed_figures(net.to(device), batches, new_tokens, device, pack, GRAPH_MODES[cuda_graphs])
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")
@@ -191,7 +191,6 @@ def _load_figures(folder: Path, model: CogVLMForCausalLM, dtype: torch.dtype) ->
 
 def _speed_figures(
     model: CogVLMForCausalLM,
-    figures: dict[str, Any],
     batches: Sequence[int],
     new_tokens: int,
     device: str,
