@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from cogvlm.batch import batch_infer
 from cogvlm.batch.shard import shard_of
@@ -42,6 +45,29 @@ def test_a_local_ray_cluster_with_two_cpu_actors_gives_the_rows_of_one_process(d
     assert read_rows(out) == reference["rows"]
     assert {e["id"] for e in read_rows(summary.errors)} == {"broken.png", "deep/cut.png", "gone"}
     assert not ray.is_initialized()  # the instance started for the job is stopped after it
+
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
+_ENDS_LAUNCHED = """
+import atexit, sys
+from cogvlm import launcher
+from cogvlm.cli import main
+launcher._joined = True  # as after launcher.join() under torchrun
+atexit.register(print, "teardown ran")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["info", "default"], 0), (["info", "no/such-model"], 2)])
+def test_a_launched_command_ends_without_the_interpreters_teardown(argv, code):
+    """A command that joined a launcher's group ends through os._exit once it returns: its output
+    flushed, its exit status kept, and no teardown run (where a gloo thread could abort it)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _ENDS_LAUNCHED, *argv], capture_output=True, text=True, timeout=120, env=OFFLINE
+    )
+    assert run.returncode == code, run.stderr
+    assert ("5.58 M" in run.stdout) == (code == 0) and ("error" in run.stderr) == (code != 0)
+    assert "teardown ran" not in run.stdout
 
 
 def test_a_process_meets_the_others_before_leaving_the_group_unless_its_job_failed(monkeypatch):

@@ -9,8 +9,10 @@ GPU collective is needed). Without a launcher, or with one process, every call i
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -19,12 +21,35 @@ import torch.distributed as dist
 WAIT = datetime.timedelta(hours=24)
 
 
+#: Whether this process joined a group through `join` (set once; `end_process` acts on it).
+_joined = False
+
+
 def join() -> bool:
     """Join the launcher's process group when WORLD_SIZE > 1 and none is joined yet; True if joined here."""
+    global _joined
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     dist.init_process_group("gloo", timeout=WAIT)
+    _joined = True
     return True
+
+
+def joined() -> bool:
+    """Whether this process joined a launcher's group (it may have left it since)."""
+    return _joined
+
+
+def end_process(code: int) -> NoReturn:
+    """End a process that was in a launcher's group with `code`, once its job is done and written:
+    output flushed, then `os._exit`, so the interpreter's C++ teardown never runs. Even after the
+    group was left cleanly (`leave`), CI saw a rank abort there now and then ("terminate called
+    without an active exception": a thread of the gloo group destroyed while still joinable), which
+    turned a finished job into a failed one."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def leave(clean: bool = True) -> None:

@@ -6,6 +6,7 @@ a missing optional extra) is one line on stderr and exit status 2; Ctrl-C is 130
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
@@ -63,6 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             Parser(prog=args.prog).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0), or a bad flag already reported on one line (2)
         return int(e.code or 0)
+    code = _run(args)
+    launcher = sys.modules.get("cogvlm.launcher")  # imported only by the commands that use it
+    if launcher is not None and launcher.joined():
+        launcher.end_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status; its errors reported on one line."""
     try:
         return args.func(args)
     except CogVLMError as e:
