@@ -199,11 +199,10 @@ def _speed_figures(
 ) -> dict[str, Any]:
     """Vision encode, time to first token, decode at batch 1 and each of `batches` in each graph
     mode, the KV cache and the roofline."""
-    config, dtype, cuda = model.config, model.dtype, torch.device(device).type == "cuda"
+    config, dtype, kind = model.config, model.dtype, torch.device(device).type
+    cuda = kind == "cuda"
     weight_read = _decode_bytes(model, 0, 1)  # counted before packing: packed weights are not parameters
-    result: dict[str, Any] = {
-        "packed_linears": pack_linears(model) if pack and torch.device(device).type == "cpu" else 0
-    }
+    result: dict[str, Any] = {"packed_linears": pack_linears(model) if pack and kind == "cpu" else 0}
     tok = _DigitTokenizer()
     size = config.vision_config.image_size
 
