@@ -251,32 +251,54 @@ def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
-def test_bf16_cpu_slots_store_keys_by_column_and_decode_as_the_full_forward(reference_dir, reference_tokenizer, images):
-    """A bf16 model on the CPU keeps its keys (B, Hkv, K, L) in memory (and fp32 its values): the
-    prefill writes them there, each step reads them, and the logits at every step are the lone
+def test_bf16_cpu_slots_decode_compiled_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch):
+    """A bf16 model on the CPU keeps its keys by row and its values (B, Hkv, K, L) in memory, each
+    decode step attends through the compiled reductions, and the logits at every step are the lone
     full forward's (which never reads a cache) to bf16's precision."""
     from cogvlm import CogVLMForCausalLM
     from cogvlm.generation.decoder import DecodeState, Row
+    from cogvlm.model import decoder
 
     model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="bfloat16")
     vlm = Pipeline(model, reference_tokenizer)
     sample = vlm.build("Describe this image.", images[0])
     state = DecodeState(model, 2, 128)
     keys, values = state.cache.layers[0]
-    assert keys.stride(-2) == 1 and values.stride(-1) == 1  # keys by column, values by row
+    assert keys.stride(-1) == 1 and values.stride(-2) == 1  # keys by row, values by column
+    calls = []
+    compiled = decoder.compiled_attention
+
+    def counted(*args):
+        calls.append(1)
+        return compiled(*args)
+
+    monkeypatch.setattr(decoder, "compiled_attention", counted)
     batch = collate([sample])
     batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
     row = Row(GenerationConfig(), sample["input_ids"])
-    seen = [state.admit([row], batch)[0]]
-    row.tokens.append(int(seen[0].argmax()))
     with torch.no_grad():
+        seen = [state.admit([row], batch)[0]]
+        row.tokens.append(int(seen[0].argmax()))
         for _ in range(8):
             state.feed([row])
             seen.append(state.step()[0])
             row.tokens.append(int(seen[-1].argmax()))
+    assert len(calls) == 8 * model.config.num_hidden_layers and not compiled.failed
     want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
     got = torch.stack(seen).float()
     assert (got - want.float()).abs().max().item() < 0.1, (got - want.float()).abs().max().item()
+
+
+def test_bf16_cpu_slots_of_grouped_heads_store_keys_by_column(cogvlm2_dir):
+    """CogVLM2's grouped heads decode eagerly on the CPU (oneDNN's product of a group's queries
+    and a key block), so in bf16 its keys are stored (B, Hkv, K, L) and its values by row."""
+    from cogvlm import CogVLMForCausalLM
+    from cogvlm.generation.decoder import DecodeState
+
+    model = CogVLMForCausalLM.from_pretrained(cogvlm2_dir, torch_dtype="bfloat16")
+    assert model.config.num_attention_heads > model.config.num_kv_heads
+    keys, values = DecodeState(model, 2, 16).cache.layers[0]
+    assert keys.stride(-2) == 1 and values.stride(-1) == 1
 
 
 def test_a_failed_step_changes_nothing(vlm):

@@ -151,3 +151,48 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     for keys in (k.bfloat16(), by_column(k.bfloat16())):
         got = attend_one(q.bfloat16(), keys, v.bfloat16(), mask).float()
         torch.testing.assert_close(got, want, rtol=0.03, atol=0.03)
+
+
+def test_compiled_decode_attention_equals_sdpa():
+    """The bf16 CPU decode path (reductions compiled by inductor, keys by row, values by column)
+    against SDPA in fp32, with a padding mask; the reductions also eagerly in fp32."""
+    from cogvlm.model.decoder import _CompiledAttention, attend_rows
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 16)
+    k, v = torch.randn(3, 4, 37, 16), torch.randn(3, 4, 37, 16)
+    mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
+    mask[1, ..., :10] = False
+    mask[2, ..., 30:] = False
+    values = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # the cache's layout: (B, Hkv, K, S) in memory
+    compiled = _CompiledAttention()
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        torch.testing.assert_close(attend_rows(q, k, values, m), want, rtol=1e-5, atol=1e-5)
+        got = compiled(q.bfloat16(), k.bfloat16(), values.bfloat16(), m)
+        assert got.dtype == torch.bfloat16 and not compiled.failed
+        torch.testing.assert_close(got.float(), want, rtol=0.03, atol=0.03)
+
+
+def test_compiled_decode_attention_falls_back_when_inductor_fails(monkeypatch):
+    """Without a working inductor (no C++ compiler, say) the decode attention warns once and runs
+    eagerly, with the same result."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from cogvlm.model import decoder
+
+    def broken(fn, **_):
+        def run(*args):
+            raise BackendCompilerFailed(None, RuntimeError("no C++ compiler"), None)
+
+        return run
+
+    monkeypatch.setattr(decoder.torch, "compile", broken)
+    attention = decoder._CompiledAttention()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, t, 16).bfloat16() for t in (1, 9, 9))
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = attention(q, k, v, None)
+    assert attention.failed
+    torch.testing.assert_close(got, decoder.attend_one(q, k, v, None))
+    torch.testing.assert_close(attention(q, k, v, None), got)  # and stays eager, without another warning

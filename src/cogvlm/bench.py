@@ -248,6 +248,7 @@ def _speed_figures(
         for n in batches:
             if n == 1:
                 continue
+            run(n, 2, graphs)  # warm-up at this batch size (its graphs, or the compiled attention's shapes)
             _, step_n = run(n, new_tokens, graphs)
             result |= {
                 f"kv_cache_MB_b{n}": round(_kv_bytes(model, context, n) / 1e6, 1),

@@ -153,10 +153,11 @@ def _allocate(model: Any, batch: int, length: int) -> list[tuple[torch.Tensor, t
     cfg = model.config
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # grouped-query: the KV heads only
     dtype = model.model.embed_tokens.weight.dtype  # quantised weights do not carry the compute dtype
+    grouped = cfg.num_attention_heads > cfg.num_kv_heads
     layers = []
     for layer in model.model.layers:
         device = execution_device(layer.input_layernorm)
-        layers.append(_layer(shape, dtype, device))
+        layers.append(_layer(shape, dtype, device, grouped))
     return layers
 
 
@@ -169,15 +170,20 @@ def _stored(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, by
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _layer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's (keys, values). On the CPU a decode step's one-query matmuls (`attend_one`) read
-    some layouts at up to twice the speed of others (bench-490, one layer): fp32 values stored by
-    column, so probabilities x values reads rows (MKL read the row-major block at half the
-    bandwidth: 2.6 against 1.25 ms at batch 8); bf16 keys stored by column, so queries x keys
-    reads rows (oneDNN: 2.1-2.2 against 2.8-3.4 ms at batch 8, 0.17-0.28 against 0.28-0.30 ms at
-    batch 1). CUDA keeps the plain layout."""
-    keys = _stored(shape, dtype, device, by_column=dtype == torch.bfloat16)
-    return keys, _stored(shape, dtype, device, by_column=dtype == torch.float32)
+def _layer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, grouped: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's (keys, values), in the layout a CPU decode step reads fastest (measured on
+    bench-490 and bench-cogvlm2-1344, one layer): fp32 values stored by column, so MKL's
+    probabilities x values reads rows (2.6 against 1.25 ms at batch 8); bf16 with one query head
+    per KV head, values by column too, for `model.decoder.decode_attention`'s compiled reductions
+    (1.6 against 2.6-3.1 ms); grouped bf16 heads, which stay eager, keys stored by column, so
+    oneDNN's queries x keys reads rows (bench-490's shapes: 2.1-2.2 against 2.8-3.4 ms). CUDA
+    keeps the plain layout."""
+    bf16_grouped = dtype == torch.bfloat16 and grouped
+    keys = _stored(shape, dtype, device, by_column=bf16_grouped)
+    values_by_column = dtype == torch.float32 or (dtype == torch.bfloat16 and not grouped)
+    return keys, _stored(shape, dtype, device, by_column=values_by_column)
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
