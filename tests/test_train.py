@@ -455,6 +455,22 @@ def test_resume_continues_exactly(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_stop_at_ends_where_the_longer_run_was_on_its_schedule(tmp_path):
+    """A stage stopped early is recorded with stop_at: its weights are the full schedule's at that
+    step (not a shorter schedule's), and a resumed run that already got there has nothing to do."""
+    settings = dict(warmup_steps=1, max_steps=5, lr=1e-2, min_lr_ratio=0.0, log_every=1)
+    full = run(config(tmp_path / "full", save_every=3, keep_last=0, **settings))
+    stopped = run(config(tmp_path / "stop", stop_at=3, **settings))
+    short = run(config(tmp_path / "short", **{**settings, "max_steps": 3}))
+    assert stopped.name == "step-3" and (stopped / "tokenizer.model").is_file()
+    a, b, c = weights(full.parent / "step-3"), weights(stopped), weights(short)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(c[k], b[k]) for k in c)  # the 3-step schedule decays sooner
+    assert run(config(tmp_path / "stop", stop_at=3, resume=True, **settings)) == stopped
+    with pytest.raises(TrainError, match="stop_at 6 must be between 1 and max_steps"):
+        load_config(config(tmp_path / "bad", stop_at=6, **settings))
+
+
 _SLOW_SAVE = """
 import sys, time
 from cogvlm.cli import main

@@ -54,6 +54,8 @@ Optimisation
                            @language, @vision_experts, @adapter, @vit; lr 0 freezes the part
   warmup_steps, min_lr_ratio   linear warmup, then cosine down to lr * min_lr_ratio at max_steps
   batch_size (per process), grad_accum, max_steps
+  stop_at                  end the run at this step, the schedule still max_steps' (a stage that
+                           was stopped early, recorded so that it reruns as it ran)
   mixed_precision          no | bf16 | fp16 (autocast; falls back to "no" where the device lacks it)
   gradient_checkpointing   recompute decoder layers in backward (less memory, more compute)
   cpu                      force the CPU (implied where no accelerator device exists; needed for
@@ -132,6 +134,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 1000
+    stop_at: int | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -215,6 +218,8 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "eval_batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.max_steps:
+        problems.append(f"stop_at {cfg.stop_at} must be between 1 and max_steps ({cfg.max_steps})")
     if problems:
         raise TrainError("bad training config: " + "; ".join(problems))
 

@@ -361,17 +361,18 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
         state = load_checkpoint(accelerator, model, resume_from)
         logger.info("resumed from %s (step %d)", resume_from, state["step"])
     step, micro_step = state["step"], state["micro_step"]
-    final = resume_from if resume_from is not None and step >= cfg.max_steps else None
+    end = cfg.stop_at or cfg.max_steps
+    final = resume_from if resume_from is not None and step >= end else None
 
     sampler = MicroBatchSampler(micro_step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn, generator=torch.Generator()
     )  # leaves the global RNG alone: exact resume
     log = MetricsLog(output_dir / "metrics.jsonl", step if resume_from is not None else None, enabled=main)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=end, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     batches = iter(loader)
-    while step < cfg.max_steps:
+    while step < end:
         tick = time.perf_counter()
         result = train_step(
             accelerator,
@@ -401,11 +402,11 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, evaluators: Sequence[Eval
                     EvalContext(model, accelerator.unwrap_model(model), accelerator, tokenizer, model_config, step),
                 )
             )
-        if evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:
+        if evaluated or step % cfg.log_every == 0 or step == end:
             log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
             final = save_checkpoint(
                 accelerator,
                 model,
