@@ -219,3 +219,30 @@ def test_training_source_draws_varied_scenes():
     assert conv.turns[0][1].startswith("there is no ") and conv.template_version == "base"
     with pytest.raises(Exception, match="unknown task"):
         build_source({"type": "synthetic", "tasks": ["nope"]}, config, 0)
+
+
+def test_default_varied_scenes_are_those_the_shipped_stages_drew(scenes):
+    """Digest of what the release before `max_aspect` drew (canvases and shapes of 300 scenes)."""
+    drawn = repr([(sc.width, sc.height, sc.shapes) for sc in scenes]).encode()
+    assert hashlib.sha256(drawn).hexdigest() == "b2acf3a433100378f8d54d5e9fe35b50aac696a32ff1e72b191b9b3e31ed2042"
+
+
+def test_max_aspect_narrows_the_canvases():
+    from cogvlm.config import get_preset
+    from cogvlm.train.config import TrainError
+    from cogvlm.train.data import build_source
+    from cogvlm.train.patches import PatchDataset
+
+    spec = {"type": "synthetic", "seed": 4, "varied": True, "max_aspect": 4 / 3, "per_scene": 1, "tasks": ["count"]}
+    source = build_source(spec, get_preset("tiny"), 0)
+    aspects = [w / h for w, h in (source[k].image.size for k in range(200))]
+    assert 0.75 - 0.01 <= min(aspects) < 0.8 and 1.28 < max(aspects) <= 4 / 3 + 0.01
+    assert sum(a == 1.0 for a in aspects) >= 40  # squares stay
+    default = [sc.width / sc.height for sc in _scenes(4, 200)]
+    assert max(default) > 1.4  # the default keeps its wider canvases
+    for bad, message in ((dict(spec, varied=False), "varied scenes only"), (dict(spec, max_aspect=3), "max_aspect 3")):
+        with pytest.raises(TrainError, match=message):
+            build_source(bad, get_preset("tiny"), 0)
+        with pytest.raises(TrainError, match=message):
+            patch_spec = {k: v for k, v in bad.items() if k in ("type", "seed", "varied", "max_aspect")}
+            PatchDataset([patch_spec], get_preset("tiny"), 0)

@@ -21,11 +21,17 @@ from .varied import make_varied_scene
 
 
 def draw_scene(
-    rng: random.Random, size: int = 224, *, varied: bool = False, easy: bool = False, min_shapes: int = 1
+    rng: random.Random,
+    size: int = 224,
+    *,
+    varied: bool = False,
+    easy: bool = False,
+    min_shapes: int = 1,
+    max_aspect: float | None = None,
 ) -> Scene:
     """A plain scene (`make_scene`, size x size) or a varied one (`make_varied_scene`, its own canvas)."""
     if varied:
-        return make_varied_scene(rng, min_shapes=min_shapes)
+        return make_varied_scene(rng, min_shapes=min_shapes, max_aspect=max_aspect)
     return make_scene(rng, size, min_shapes=min_shapes, max_shapes=MAX_SHAPES, easy=easy)
 
 

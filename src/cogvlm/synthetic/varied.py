@@ -92,18 +92,26 @@ def _size_name(extent: float, side: int) -> str:
     return "small" if fraction < 0.17 else "large" if fraction > 0.28 else "medium"
 
 
-def canvas(rng: random.Random) -> tuple[int, int]:
-    """(width, height): a square or an aspect within ASPECTS, the longer side 112-512 pixels."""
+def canvas(rng: random.Random, max_aspect: float | None = None) -> tuple[int, int]:
+    """(width, height): a square or an aspect within ASPECTS (within 1/max_aspect-max_aspect when
+    given), the longer side 112-512 pixels."""
     longer = round(math.exp(rng.uniform(math.log(112), math.log(512))))
-    aspect = 1.0 if rng.random() < 0.4 else rng.uniform(*ASPECTS)
+    aspects = ASPECTS if max_aspect is None else (1 / max_aspect, max_aspect)
+    aspect = 1.0 if rng.random() < 0.4 else rng.uniform(*aspects)
     if aspect >= 1:
         return longer, max(64, round(longer / aspect))
     return max(64, round(longer * aspect)), longer
 
 
-def make_varied_scene(rng: random.Random, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES) -> Scene:
-    """A random varied scene of min_shapes-max_shapes non-overlapping shapes (fewer when some do not fit)."""
-    width, height = canvas(rng)
+def make_varied_scene(
+    rng: random.Random, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES, max_aspect: float | None = None
+) -> Scene:
+    """A random varied scene of min_shapes-max_shapes non-overlapping shapes (fewer when some do not fit).
+
+    `max_aspect` narrows the canvases (see `canvas`): within 4:3 a rectangle (1.9-3.2 long) still
+    looks longer than a square on any canvas once the preprocessing squashes it to a square.
+    """
+    width, height = canvas(rng, max_aspect)
     side = min(width, height)
     background, gradient = _background(rng)
     look = Look(

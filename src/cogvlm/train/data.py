@@ -187,6 +187,16 @@ class FiniteSource:
         return self.items[self._order[offset]]
 
 
+def check_max_aspect(max_aspect: float | None, varied: bool) -> None:
+    """`max_aspect` of a synthetic source: varied scenes only, 1 (square canvases) to 2."""
+    if max_aspect is None:
+        return
+    if not varied:
+        raise TrainError("data source synthetic: max_aspect applies to varied scenes only (add varied: true)")
+    if not isinstance(max_aspect, (int, float)) or not 1.0 <= max_aspect <= 2.0:
+        raise TrainError(f"data source synthetic: max_aspect {max_aspect} (use 1 to 2)")
+
+
 class SyntheticSource:
     """Infinite in-memory shape scenes: item i is record i % per_scene of scene i // per_scene.
 
@@ -205,15 +215,17 @@ class SyntheticSource:
         template_version: str | None = None,
         min_shapes: int = 1,
         varied: bool = False,
+        max_aspect: float | None = None,
     ) -> None:
         most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
         if not 1 <= min_shapes <= most:
             raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {most})")
+        check_max_aspect(max_aspect, varied)
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
                 raise TrainError(f"data source synthetic: unknown task {task!r} (use {', '.join(synthetic.ALL_TASKS)})")
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
-        self.min_shapes, self.varied = min_shapes, varied
+        self.min_shapes, self.varied, self.max_aspect = min_shapes, varied, max_aspect
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -221,7 +233,8 @@ class SyntheticSource:
         """Scene k's image and records (the last one is kept: its records are consecutive)."""
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
-            scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, min_shapes=self.min_shapes)
+            options = {"min_shapes": self.min_shapes, "max_aspect": self.max_aspect}
+            scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, **options)
             records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns)
             self._last = (k, scene.render(), records)
         return self._last[1], self._last[2]
@@ -407,6 +420,7 @@ __all__ = [
     "read_sft311k",
     "FiniteSource",
     "SyntheticSource",
+    "check_max_aspect",
     "build_source",
     "build_example",
     "pick_source",
