@@ -129,11 +129,13 @@ def test_info_command():
 
 
 def test_info_of_the_default_model_counts_in_a_unit_that_suits_it(capsys):
-    """The shipped 5.58 M-parameter model: millions and thousands, MiB (it printed 0.006 B and 0.01 GiB)."""
+    """The shipped 5.62 M-parameter model: millions and thousands, MiB (it printed 0.006 B and 0.01 GiB).
+
+    5,580,800 at 112 px plus 192 more position embeddings of width 192 at 224 px (16 x 16 + 1)."""
     assert main(["info", "default"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"total +5\.58 M \(5,580,800\)", out) and re.search(r"adapter \(GLU, boi, eoi\) +333 K", out)
-    assert re.search(r"bf16 +10\.6 MiB", out) and re.search(r"int4 +2\.66 MiB", out)
+    assert re.search(r"total +5\.62 M \(5,617,664\)", out) and re.search(r"adapter \(GLU, boi, eoi\) +333 K", out)
+    assert re.search(r"bf16 +10\.7 MiB", out) and re.search(r"int4 +2\.68 MiB", out)
     assert " B\n" not in out and "0.0" not in out
 
 
