@@ -285,6 +285,55 @@ def test_multi_turn_records_ask_distinct_correct_questions():
     assert vqa.get(6, 0) > 0.9 * sum(vqa.values())
 
 
+def _relation_parts(question: str) -> tuple[str, str, str]:
+    """(word, first name, second name) of a relation question, read back from its phrasing."""
+    for word in S.RELATIONS:
+        for phrase in R._VARIED_PHRASES[word]:
+            pattern = re.escape(phrase).replace(re.escape("{a}"), r"(\w+ \w+)").replace(re.escape("{b}"), r"(\w+ \w+)")
+            if m := re.fullmatch(pattern, question):
+                return word, m.group(1), m.group(2)
+    raise AssertionError(f"no relation phrasing matches {question!r}")
+
+
+@pytest.mark.parametrize("words", [("left", "above"), ("right",), ("below", "left")])
+def test_relations_option_asks_only_those_words_and_answers_them(words):
+    """A stage can ask each comparison one way (no XOR of word and comparison to learn first)."""
+    seen = Counter()
+    for varied in (False, True):
+        for i in range(60):
+            rng = random.Random(f"5:{i}")
+            scene = S.draw_scene(rng, 224, varied=varied, min_shapes=2)
+            names = Counter(s.name for s in scene.shapes)
+            for rec in S.make_records(scene, rng, "x.png", ["relation"], 2, 3, relations=words):
+                conv = rec["conversations"]
+                for q, a in zip(conv[::2], conv[1::2]):
+                    word, first, second = _relation_parts(q["content"])
+                    assert word in words and names[first] == names[second] == 1
+                    sa, sb = (next(s for s in scene.shapes if s.name == n) for n in (first, second))
+                    ax, sign = {"left": (0, 1), "right": (0, -1), "above": (1, 1), "below": (1, -1)}[word]
+                    assert a["content"] == ("yes" if sign * (sb.center[ax] - sa.center[ax]) > 0 else "no")
+                    seen[word, a["content"]] += 1
+    assert {w for w, _ in seen} == set(words) and {a for _, a in seen} == {"yes", "no"}
+    with pytest.raises(ValueError, match="relations"):
+        S.make_records(scene, rng, "x.png", ["relation"], relations=["up"])
+    with pytest.raises(ValueError, match="relations"):
+        S.make_records(scene, rng, "x.png", ["relation"], relations=[])
+
+
+def test_relations_option_of_a_training_source():
+    from cogvlm.config import get_preset
+    from cogvlm.train.config import TrainError
+    from cogvlm.train.data import build_source
+
+    spec = {"type": "synthetic", "seed": 3, "min_shapes": 2, "per_scene": 1, "tasks": ["relation"]}
+    source = build_source(dict(spec, relations=["right"]), get_preset("tiny"), 0)
+    asked = {_relation_parts(source[k].turns[0][0])[0] for k in range(40)}
+    assert asked == {"right"}
+    for bad in (["up"], [], "left"):
+        with pytest.raises(TrainError, match="relations"):
+            build_source(dict(spec, relations=bad), get_preset("tiny"), 0)
+
+
 def test_a_task_named_twice_is_drawn_twice_as_often():
     tasks = Counter(
         r["task"] for _, _, rs in S.iter_scenes(9, 600, tasks=["caption", "caption", "ground"], per_scene=1) for r in rs

@@ -156,6 +156,7 @@ _MORE_PHRASES: dict[str, tuple[str, ...]] = {
 _VARIED_PHRASES = {k: _PHRASES.get(k, ()) + _MORE_PHRASES.get(k, ()) for k in {*_PHRASES, *_MORE_PHRASES}}
 POSITION_MARGIN = 0.08  # no position questions for centers this close (fraction of side) to the middle
 RELATION_MARGIN = 0.10  # relations only when centers differ by at least this fraction of the side
+RELATIONS = ("left", "right", "above", "below")  # x axis, then y axis
 
 
 def _ordered(scene: Scene) -> list[Shape]:
@@ -265,20 +266,23 @@ def _position(scene: Scene, rng: random.Random, P: dict) -> tuple[str, str] | No
     return rng.choice(P["position_" + "xy"[ax]]).format(o=s.name), ans
 
 
-def _relation(scene: Scene, rng: random.Random, P: dict) -> tuple[str, str] | None:
+def _relation(
+    scene: Scene, rng: random.Random, P: dict, relations: Sequence[str] = RELATIONS
+) -> tuple[str, str] | None:
     named = _once(scene.shapes, "name")
+    words = [tuple(w for w in pair if w in relations) for pair in (RELATIONS[:2], RELATIONS[2:])]  # per axis
     cands = [
         (a, b, ax)
         for a in named
         for b in named
         if a is not b
         for ax in (0, 1)
-        if abs(a.center[ax] - b.center[ax]) >= RELATION_MARGIN * (scene.width, scene.height)[ax]
+        if words[ax] and abs(a.center[ax] - b.center[ax]) >= RELATION_MARGIN * (scene.width, scene.height)[ax]
     ]
     if not cands:
         return None
     a, b, ax = rng.choice(cands)
-    rel = rng.choice(("left", "right") if ax == 0 else ("above", "below"))
+    rel = rng.choice(words[ax])
     smaller = a.center[ax] < b.center[ax]
     yes = smaller if rel in ("left", "above") else not smaller
     return rng.choice(P[rel]).format(a=a.name, b=b.name), "yes" if yes else "no"
@@ -319,13 +323,14 @@ _ASK = {
 }
 
 
-def _qa(scene: Scene, task: str, rng: random.Random) -> tuple[str, str] | None:
+def _qa(scene: Scene, task: str, rng: random.Random, relations: Sequence[str] = RELATIONS) -> tuple[str, str] | None:
     """(question, answer) of one task type, or None if the scene cannot support it."""
     if task not in _ASK:
         raise ValueError(f"unknown task {task!r}; expected one of {ALL_TASKS}")
+    extra = {"relations": relations} if task == "relation" else {}
     if scene.look is None:
-        return _ASK[task](scene, rng, _PHRASES)
-    qa = _ASK[task](scene, rng, _VARIED_PHRASES)
+        return _ASK[task](scene, rng, _PHRASES, **extra)
+    qa = _ASK[task](scene, rng, _VARIED_PHRASES, **extra)
     return None if qa is None else (_articles(qa[0]), _articles(qa[1]))
 
 
@@ -338,7 +343,12 @@ def _articles(text: str) -> str:
 
 
 def _more_turns(
-    scene: Scene, rng: random.Random, pool: Sequence[str], first: tuple[str, str], turns: int
+    scene: Scene,
+    rng: random.Random,
+    pool: Sequence[str],
+    first: tuple[str, str],
+    turns: int,
+    relations: Sequence[str] = RELATIONS,
 ) -> list[tuple[str, str]]:
     """`first` followed by up to ``turns - 1`` further vqa-template questions of random types
     from ``pool`` about the same scene, no question asked twice; with turns == 1 it draws nothing."""
@@ -347,7 +357,7 @@ def _more_turns(
     for _ in range(4 * (turns - 1)):  # a few spare draws replace repeats and unsupported types
         if len(out) == turns:
             break
-        qa = _qa(scene, rng.choice(vqa), rng)
+        qa = _qa(scene, rng.choice(vqa), rng, relations)
         if qa is not None and qa[0] not in asked:
             out.append(qa)
             asked.add(qa[0])
@@ -361,6 +371,7 @@ def make_records(
     tasks: Sequence[str] | None = None,
     per_scene: int = 3,
     turns: int = 1,
+    relations: Sequence[str] = RELATIONS,
 ) -> list[dict]:
     """Up to ``per_scene`` records for one scene, each of a different task type (types repeat
     only when ``per_scene`` exceeds the number of requested tasks, or where ``tasks`` names a type
@@ -369,11 +380,17 @@ def make_records(
     With ``turns`` > 1 a vqa record is a conversation of up to ``turns`` questions about its
     scene: one sequence then trains several answers for one image (the base template ignores
     history and the chat captions stay single-turn, so their records keep one turn). With
-    ``turns`` == 1 the random draws, and so the records, are those of earlier releases."""
+    ``turns`` == 1 the random draws, and so the records, are those of earlier releases.
+
+    ``relations`` (a subset of RELATIONS) are the words relation questions use. "Is A left of B?" and
+    "Is A right of B?" answer the same comparison with opposite words, an XOR no first-order signal
+    leads to; a stage asking one word per axis first lets a small model learn the comparison."""
     pool = list(tasks) if tasks is not None else list(TASKS)
     for t in pool:
         if t not in ALL_TASKS:
             raise ValueError(f"unknown task {t!r}; expected one of {ALL_TASKS}")
+    if not relations or set(relations) - set(RELATIONS):
+        raise ValueError(f"relations {list(relations)}: use one or more of {', '.join(RELATIONS)}")
     records: list[dict] = []
     order: list[str] = []
     while pool and len(order) < per_scene + len(pool):  # extra round replaces unsupported tasks
@@ -381,10 +398,10 @@ def make_records(
     for task in order:
         if len(records) >= per_scene:
             break
-        qa = _qa(scene, task, rng)
+        qa = _qa(scene, task, rng, relations)
         if qa is None:
             continue
-        qas = _more_turns(scene, rng, pool, qa, turns) if TEMPLATE_OF_TASK[task] == "vqa" else [qa]
+        qas = _more_turns(scene, rng, pool, qa, turns, relations) if TEMPLATE_OF_TASK[task] == "vqa" else [qa]
         records.append(
             {
                 "image": image_path,

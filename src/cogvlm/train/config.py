@@ -44,7 +44,9 @@ Data
                            that crowded, and `varied` draws the scenes people draw (any canvas and
                            background, outlines, anti-aliasing, JPEG; `size` then does not apply);
                            varied `max_aspect` (default: canvases 0.7-1.45 wide per high) keeps
-                           canvases within 1/max_aspect-max_aspect (4:3 = 1.333)
+                           canvases within 1/max_aspect-max_aspect (4:3 = 1.333); `relations`
+                           (default [left, right, above, below]) are the words relation questions
+                           use: [left, above] asks each comparison one way (no XOR to learn)
   eval_data                sources of the diagnostic batch (default: `data`, synthetic seeds moved
                            to a held-out range; jsonl/sft311k sources are reused as they are)
   max_length               examples longer than this many tokens are reported and skipped

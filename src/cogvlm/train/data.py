@@ -216,6 +216,7 @@ class SyntheticSource:
         min_shapes: int = 1,
         varied: bool = False,
         max_aspect: float | None = None,
+        relations: Sequence[str] = synthetic.RELATIONS,
     ) -> None:
         most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
         if not 1 <= min_shapes <= most:
@@ -224,8 +225,12 @@ class SyntheticSource:
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
                 raise TrainError(f"data source synthetic: unknown task {task!r} (use {', '.join(synthetic.ALL_TASKS)})")
+        if not relations or not isinstance(relations, (list, tuple)) or set(relations) - set(synthetic.RELATIONS):
+            raise TrainError(
+                f"data source synthetic: relations {relations} (use a list of {', '.join(synthetic.RELATIONS)})"
+            )
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
-        self.min_shapes, self.varied, self.max_aspect = min_shapes, varied, max_aspect
+        self.min_shapes, self.varied, self.max_aspect, self.relations = min_shapes, varied, max_aspect, relations
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -235,7 +240,9 @@ class SyntheticSource:
             rng = random.Random(f"{self.seed}:{k}")
             options = {"min_shapes": self.min_shapes, "max_aspect": self.max_aspect}
             scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, **options)
-            records = synthetic.make_records(scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns)
+            records = synthetic.make_records(
+                scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns, self.relations
+            )
             self._last = (k, scene.render(), records)
         return self._last[1], self._last[2]
 
