@@ -159,6 +159,12 @@ RELATION_MARGIN = 0.10  # relations only when centers differ by at least this fr
 RELATIONS = ("left", "right", "above", "below")  # x axis, then y axis
 
 
+def check_relations(relations: Sequence[str]) -> None:
+    """Refuse a `relations` option that is not a non-empty list of words from RELATIONS."""
+    if isinstance(relations, str) or not relations or set(relations) - set(RELATIONS):
+        raise ValueError(f"relations {relations}: use a list of one or more of {', '.join(RELATIONS)}")
+
+
 def _ordered(scene: Scene) -> list[Shape]:
     """Canonical caption order: left to right by center x, then top to bottom."""
     return sorted(scene.shapes, key=lambda s: (s.center[0], s.center[1], s.color, s.kind))
@@ -389,8 +395,7 @@ def make_records(
     for t in pool:
         if t not in ALL_TASKS:
             raise ValueError(f"unknown task {t!r}; expected one of {ALL_TASKS}")
-    if not relations or set(relations) - set(RELATIONS):
-        raise ValueError(f"relations {list(relations)}: use one or more of {', '.join(RELATIONS)}")
+    check_relations(relations)
     records: list[dict] = []
     order: list[str] = []
     while pool and len(order) < per_scene + len(pool):  # extra round replaces unsupported tasks

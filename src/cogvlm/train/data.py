@@ -225,10 +225,10 @@ class SyntheticSource:
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
                 raise TrainError(f"data source synthetic: unknown task {task!r} (use {', '.join(synthetic.ALL_TASKS)})")
-        if not relations or not isinstance(relations, (list, tuple)) or set(relations) - set(synthetic.RELATIONS):
-            raise TrainError(
-                f"data source synthetic: relations {relations} (use a list of {', '.join(synthetic.RELATIONS)})"
-            )
+        try:
+            synthetic.check_relations(relations)
+        except ValueError as e:
+            raise TrainError(f"data source synthetic: {e}") from None
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
         self.min_shapes, self.varied, self.max_aspect, self.relations = min_shapes, varied, max_aspect, relations
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
