@@ -621,24 +621,25 @@ def test_shapes_end_to_end_on_the_shipped_model(one_thread):
     result = evaluate_shapes(cogvlm.load(device="cpu"), n=1, batch_size=8)
     # its greedy answers to the 9 questions of seed 999999, scored by hand:
     # color "yellow" = "yellow"; shape "square" != "rectangle"; count "1" = "1"; exist "no" = "no";
-    # position "right" = "right"; relation "no" != "yes"; caption names a red rectangle, a teal and a
-    # purple triangle and a green rectangle, the scene's four (sizes aside); ground [[670,366,893,473]]
-    # vs [[714,357,821,571]]: 107 x 107 = 11449 shared of 23861 + 22898 - 11449 = 35310, IoU 0.32 <
-    # 0.5; ground_caption: its teal triangle [[422,398,672,607]] vs [[460,406,670,589]], IoU 0.74, is
-    # found; it calls the red and green rectangles squares and boxes the purple triangle at IoU 0.26
-    # (1 of 4 shapes found)
+    # position "right" = "right"; relation "yes" = "yes" (the teal triangle is over the purple one);
+    # caption names a red rectangle, a teal and a purple triangle and a green rectangle, the scene's
+    # four (sizes aside); ground [[674,371,893,487]] vs [[714,357,821,571]]: 107 x 116 = 12412 shared
+    # of 25404 + 22898 - 12412 = 35890, IoU 0.35 < 0.5; ground_caption: it calls the red and green
+    # rectangles squares, boxes the teal triangle [[420,398,781,701]] vs [[460,406,670,589]] at IoU
+    # 38430 / 109383 = 0.35 and the purple triangle [[580,750,884,966]] vs [[540,710,853,982]] at
+    # 58968 / 91832 = 0.64 (1 of 4 shapes found)
     assert result["per_type"] == {
         "color": 1.0,
         "shape": 0.0,
         "count": 1.0,
         "exist": 1.0,
         "position": 1.0,
-        "relation": 0.0,
+        "relation": 1.0,
         "caption": 1.0,
         "ground": 0.0,
         "ground_caption": 0.25,
     }
-    assert result["scores"] == {"accuracy": 5.25 / 9}
+    assert result["scores"] == {"accuracy": 6.25 / 9}
     assert result["counts"] == {"questions": 9, "scored": 9, "per_type": {t: 1 for t in SHAPE_TYPES}}
 
 
