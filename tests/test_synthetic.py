@@ -171,7 +171,7 @@ def _check_answer(scene, rec):
         before = sa.center[ax] < sb.center[ax]
         truth = before if any(w in q for w in ("left", "above", "higher", "over")) else not before
         assert a == ("yes" if truth else "no")
-    elif task == "caption":
+    elif task in ("caption", "caption_vqa"):
         assert S.parse_caption_objects(a) == {(s.color, s.kind) for s in shapes}
         assert a.endswith(".") and "[[" not in a
     elif task == "ground":
@@ -243,7 +243,7 @@ def test_records_respect_task_list():
 
 def _task_of(question: str) -> str:
     """The task type whose phrasing a question uses (relations and counts under one name)."""
-    for key, phrases in R._PHRASES.items():
+    for key, phrases in R._VARIED_PHRASES.items():
         for phrase in phrases:
             pattern = re.escape(phrase)
             for slot in ("k", "c", "o", "a", "b"):
@@ -332,6 +332,23 @@ def test_relations_option_of_a_training_source():
     for bad in (["up"], [], "left"):
         with pytest.raises(TrainError, match="relations"):
             build_source(dict(spec, relations=bad), get_preset("tiny"), 0)
+
+
+def test_caption_vqa_is_the_caption_as_a_short_answer_inside_vqa_conversations():
+    """`cogvlm ask` asks "Describe the image." with the vqa template: `caption_vqa` trains that answer."""
+    firsts, later = 0, 0
+    for _, scene, records in S.iter_scenes(31, 80, tasks=["caption_vqa", "color"], per_scene=2, turns=3, varied=True):
+        for rec in records:
+            assert rec["template_version"] == "vqa"
+            turns = list(zip(rec["conversations"][::2], rec["conversations"][1::2]))
+            for k, (q, a) in enumerate(turns):
+                if _task_of(q["content"]) == "caption":
+                    assert a["content"] == R._articles(S.make_caption(scene))  # "an orange ..." in varied scenes
+                    firsts, later = firsts + (k == 0), later + (k > 0)
+            if rec["task"] == "caption_vqa":
+                assert _task_of(turns[0][0]["content"]) == "caption"
+                _check_answer(scene, {"conversations": rec["conversations"][:2], **rec})
+    assert firsts > 20 and later > 20  # asked first and as a follow-up question
 
 
 def test_a_task_named_twice_is_drawn_twice_as_often():

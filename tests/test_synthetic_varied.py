@@ -153,7 +153,7 @@ def _check(scene: S.Scene, task: str, q: str, a: str) -> None:
     elif task == "absent":
         (name,) = _names(q)
         assert names[name] == 0 and a == f"there is {'no'} {name}." and "[[" not in a
-    elif task in ("caption", "ground_caption"):
+    elif task in ("caption", "caption_vqa", "ground_caption"):
         assert sorted(_names(a)) == sorted(s.name for s in shapes)  # every shape named once
         assert ("[[" in a) == (task == "ground_caption")
 
@@ -174,6 +174,7 @@ def test_records_about_varied_scenes_are_right():
             templates[(rec["task"], rec["template_version"])] += 1
     assert set(seen) == set(S.ALL_TASKS)
     assert templates[("caption", "chat")] > 100 and templates[("caption", "vqa")] == 0  # short answers stay short
+    assert templates[("caption_vqa", "vqa")] > 100  # ... but for "Describe the image." asked as `cogvlm ask` asks
     assert templates[("absent", "base")] > 100
 
 
@@ -187,6 +188,8 @@ def _vqa_task(q: str) -> str:
         return "position"
     if q.startswith(("Is ", "Are ", "Does ", "Can ", "Do ")):
         return "exist"
+    if not any(re.search(rf"\b{w}\b", q) for w in (*S.KINDS, *S.COLORS)):
+        return "caption_vqa"  # "Describe the image.", "What shapes are in the picture?"
     if any(re.search(rf"\b{k}\b", q) for k in S.KINDS):
         return "color"
     return "shape"

@@ -27,10 +27,12 @@ TASKS: tuple[str, ...] = (
     "ground_caption",
 )
 #: Tasks a mix may name beyond TASKS (the default pool, and the held-out `shapes` benchmark's types).
-ALL_TASKS: tuple[str, ...] = (*TASKS, "absent")
+#: `caption_vqa` is the caption asked with the vqa template, as `cogvlm ask` asks "Describe the image."
+ALL_TASKS: tuple[str, ...] = (*TASKS, "absent", "caption_vqa")
 TEMPLATE_OF_TASK: dict[str, str] = {
     **{t: "vqa" for t in ("color", "shape", "count", "exist", "position", "relation")},
     "caption": "chat",
+    "caption_vqa": "vqa",
     "ground": "base",
     "ground_caption": "base",
     "absent": "base",  # asked to ground a shape that is not there: "there is no ..." and no box
@@ -323,6 +325,7 @@ _ASK = {
     "position": _position,
     "relation": _relation,
     "caption": _caption,
+    "caption_vqa": _caption,
     "ground": _ground,
     "ground_caption": _ground_caption,
     "absent": _absent,
