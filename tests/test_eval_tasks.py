@@ -623,11 +623,11 @@ def test_shapes_end_to_end_on_the_shipped_model(one_thread):
     # color "yellow" = "yellow"; shape "square" != "rectangle"; count "1" = "1"; exist "no" = "no";
     # position "right" = "right"; relation "yes" = "yes" (the teal triangle is over the purple one);
     # caption names a red rectangle, a teal and a purple triangle and a green rectangle, the scene's
-    # four (sizes aside); ground [[674,371,893,487]] vs [[714,357,821,571]]: 107 x 116 = 12412 shared
-    # of 25404 + 22898 - 12412 = 35890, IoU 0.35 < 0.5; ground_caption: it calls the red and green
-    # rectangles squares, boxes the teal triangle [[420,398,781,701]] vs [[460,406,670,589]] at IoU
-    # 38430 / 109383 = 0.35 and the purple triangle [[580,750,884,966]] vs [[540,710,853,982]] at
-    # 58968 / 91832 = 0.64 (1 of 4 shapes found)
+    # four (sizes aside); ground [[679,379,897,598]] vs [[714,357,821,571]]: 107 x 192 = 20544 shared
+    # of 47742 + 22898 - 20544 = 50096, IoU 0.41 < 0.5; ground_caption: it calls the red rectangle a
+    # square and leaves out the green one, boxes the teal triangle [[460,397,770,701]] vs
+    # [[460,406,670,589]] at IoU 38430 / 94240 = 0.41 and the purple triangle [[540,700,871,973]] vs
+    # [[540,710,853,982]] at 82319 / 93180 = 0.88 (1 of 4 shapes found)
     assert result["per_type"] == {
         "color": 1.0,
         "shape": 0.0,
