@@ -316,6 +316,40 @@ def test_image_size_interpolates_the_position_embeddings(tmp_path):
         load_config({**settings, "mode": "lora"})
 
 
+def test_vision_layers_appends_layers_that_change_nothing_until_trained(tmp_path):
+    """vision_layers 4 on the 2-layer reference-tiny: the checkpoint's layers stay where they were,
+    two new ones follow with zero sublayer norms, so the image tokens are the checkpoint's to the
+    bit; two steps later the new norms have moved (they train) and the checkpoint loads 4 deep.
+    Fewer layers than the model has is a one-line error."""
+    settings = config(tmp_path, model=str(REFERENCE), model_config=None, vision_layers=4)
+    model, model_config = build_model(load_config(settings), None, tmp_path)
+    assert model_config.vision_config.num_hidden_layers == 4
+    loaded = load_file(REFERENCE / "model.safetensors")
+    state = model.state_dict()
+    for name, tensor in loaded.items():
+        assert torch.equal(state[name], tensor), name
+    for i in (2, 3):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            for part in ("weight", "bias"):
+                assert not state[f"model.vision.transformer.layers.{i}.{norm}.{part}"].any()
+        assert state[f"model.vision.transformer.layers.{i}.mlp.fc1.weight"].std() > 0
+    size = model_config.vision_config.image_size
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        grown, plain = (
+            model.model.encode_images(images),
+            CogVLMForCausalLM.from_pretrained(REFERENCE).model.encode_images(images),
+        )
+    assert torch.equal(grown, plain)
+    trained = CogVLMForCausalLM.from_pretrained(run({**settings, "max_steps": 2}))
+    assert trained.config.vision_config.num_hidden_layers == 4
+    assert trained.model.vision.transformer.layers[3].post_attention_layernorm.weight.abs().sum() > 0
+    with pytest.raises(TrainError, match=r"vision_layers 1 is fewer than the model's 2 ViT layers"):
+        build_model(load_config({**settings, "vision_layers": 1}), None, tmp_path)
+    with pytest.raises(TrainError, match=r"bad training config: vision_layers 0"):
+        load_config({**settings, "vision_layers": 0})
+
+
 def test_a_resized_run_checkpoints_its_size_and_resumes(tmp_path):
     """Training at image_size 42 from the 28 px checkpoint writes checkpoints that load at 42 px,
     and resuming rebuilds the resized model before reading the checkpoint."""

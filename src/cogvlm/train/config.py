@@ -21,6 +21,10 @@ Model and mode
   image_size               a new input size for the ViT (a multiple of its patch size): its position
                            embeddings are interpolated bicubically over the patch grid (cls kept), as
                            CogVLM went from 224 to 490 px; the checkpoint's config records the size
+  vision_layers            a deeper ViT: layers appended after the trained ones, drawn from the
+                           from-scratch init except their two sublayer norms, which start at zero so
+                           that each new layer adds nothing (x + LN(f(x)) = x) and the model answers
+                           as before until they train; the checkpoint's config records the depth
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
                            vision side trains (see patch_features), each patch predicting the kind,
                            colour and box of the synthetic shape under it through a throwaway head
@@ -120,6 +124,7 @@ class TrainConfig:
     reinit: list = field(default_factory=list)
     rescale: dict = field(default_factory=dict)
     image_size: int | None = None
+    vision_layers: int | None = None
     copy_language_to_vision: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -209,6 +214,12 @@ def _validate(cfg: TrainConfig) -> None:
             "image_size with mode lora (LoRA merges onto the base as stored: resize it in "
             "a from_scratch or expert stage first)"
         )
+    if cfg.vision_layers is not None and (
+        isinstance(cfg.vision_layers, bool) or not isinstance(cfg.vision_layers, int) or cfg.vision_layers <= 0
+    ):
+        problems.append(f"vision_layers {cfg.vision_layers!r} (use a positive number of layers)")
+    if cfg.vision_layers is not None and cfg.mode == "lora":
+        problems.append("vision_layers with mode lora (grow the ViT in a from_scratch or expert stage first)")
     if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model_dtype '{cfg.model_dtype}' (use float32, bfloat16 or float16)")
     if cfg.mixed_precision not in MIXED_PRECISION:

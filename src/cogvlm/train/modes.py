@@ -230,6 +230,27 @@ def resize_images(model: CogVLMForCausalLM, image_size: int) -> CogVLMForCausalL
     return resized
 
 
+def deepen_vision(model: CogVLMForCausalLM, layers: int) -> CogVLMForCausalLM:
+    """The model with its ViT grown to `layers`: the trained layers first, then new ones from the
+    from-scratch init whose two sublayer norms (weight and bias) are zero, so each new layer is the
+    identity (x + LN(f(x)) = x) until it trains; every other weight as is."""
+    vision = model.config.vision_config
+    if layers < vision.num_hidden_layers:
+        raise TrainError(f"vision_layers {layers} is fewer than the model's {vision.num_hidden_layers} ViT layers")
+    config = model.config.replace(vision_config=dataclasses.replace(vision, num_hidden_layers=layers))
+    deeper = CogVLMForCausalLM(config).to(model.dtype)
+    new = [f"model.vision.transformer.layers.{i}." for i in range(vision.num_hidden_layers, layers)]
+    deeper.init_weights(only=lambda name: name.startswith(tuple(new)))
+    loaded = deeper.load_state_dict(model.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(k.startswith(tuple(new)) for k in loaded.missing_keys)
+    with torch.no_grad():
+        for layer in deeper.model.vision.transformer.layers[vision.num_hidden_layers :]:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.zero_()
+                norm.bias.zero_()
+    return deeper
+
+
 def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> tuple[nn.Module, CogVLMConfig]:
     """The module to train (mode applied) and its model config; seeded init when from scratch."""
     base_path = Path(cfg.model) if cfg.model else output_dir / "base"
@@ -244,6 +265,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
             accelerator.wait_for_everyone()
     if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
         model = resize_images(model, cfg.image_size)
+    if cfg.vision_layers is not None and cfg.vision_layers != model.config.vision_config.num_hidden_layers:
+        model = deepen_vision(model, cfg.vision_layers)
     if cfg.reinit:
         _matching(model, cfg.reinit, f"reinit {cfg.reinit}")
         model.init_weights(only=lambda name: matches(name, cfg.reinit))
