@@ -623,11 +623,11 @@ def test_shapes_end_to_end_on_the_shipped_model(one_thread):
     # color "yellow" = "yellow"; shape "square" != "rectangle"; count "1" = "1"; exist "no" = "no";
     # position "right" = "right"; relation "yes" = "yes" (the teal triangle is over the purple one);
     # caption names a red rectangle, a teal and a purple triangle and a green rectangle, the scene's
-    # four (sizes aside); ground [[679,339,893,406]] vs [[714,357,821,571]]: 107 x 49 = 5243 shared
-    # of 14338 + 22898 - 5243 = 31993, IoU 0.16 < 0.5; ground_caption: it leaves out the green
-    # rectangle, boxes the red one [[398,089,710,250]] vs [[362,094,679,254]] at IoU 43836 / 57116 =
-    # 0.77, the teal triangle [[460,397,781,701]] vs [[460,406,670,589]] at 38430 / 97584 = 0.39 and
-    # the purple one [[580,701,884,964]] vs [[540,710,853,982]] at 69342 / 95746 = 0.72 (2 of 4 found)
+    # four (sizes aside); ground [[679,335,826,406]] vs [[714,357,821,571]]: 107 x 49 = 5243 shared
+    # of 10437 + 22898 - 5243 = 28092, IoU 0.19 < 0.5; ground_caption: it leaves out the green
+    # rectangle, boxes the red one [[379,098,688,299]] vs [[362,094,679,254]] at IoU 46800 / 66029 =
+    # 0.71, the teal triangle [[420,402,732,700]] vs [[460,406,670,589]] at 38430 / 92976 = 0.41 and
+    # the purple one [[588,710,897,929]] vs [[540,710,853,982]] at 58035 / 94772 = 0.61 (2 of 4 found)
     assert result["per_type"] == {
         "color": 1.0,
         "shape": 0.0,
