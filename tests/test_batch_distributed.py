@@ -66,7 +66,7 @@ def test_a_launched_command_ends_without_the_interpreters_teardown(argv, code):
         [sys.executable, "-c", _ENDS_LAUNCHED, *argv], capture_output=True, text=True, timeout=120, env=OFFLINE
     )
     assert run.returncode == code, run.stderr
-    assert ("5.62 M" in run.stdout) == (code == 0) and ("error" in run.stderr) == (code != 0)
+    assert ("7.00 M" in run.stdout) == (code == 0) and ("error" in run.stderr) == (code != 0)
     assert "teardown ran" not in run.stdout
 
 

@@ -129,13 +129,17 @@ def test_info_command():
 
 
 def test_info_of_the_default_model_counts_in_a_unit_that_suits_it(capsys):
-    """The shipped 5.62 M-parameter model: millions and thousands, MiB (it printed 0.006 B and 0.01 GiB).
+    """The shipped 7.00 M-parameter model: millions and thousands, MiB (the 5.62 M one once printed
+    0.006 B and 0.01 GiB).
 
-    5,580,800 at 112 px plus 192 more position embeddings of width 192 at 224 px (16 x 16 + 1)."""
+    5,580,800 at 112 px plus 192 more position embeddings of width 192 at 224 px (16 x 16 + 1), plus
+    four more ViT layers of 346,304 each (QKV 192 x 576 + 576, dense 192 x 192 + 192, fc1 192 x 512 +
+    512, fc2 512 x 192 + 192, two norms of 2 x 192): 5,617,664 + 1,385,216 = 7,002,880; bf16 is
+    2 bytes each, 14,005,760 B = 13.4 MiB."""
     assert main(["info", "default"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"total +5\.62 M \(5,617,664\)", out) and re.search(r"adapter \(GLU, boi, eoi\) +333 K", out)
-    assert re.search(r"bf16 +10\.7 MiB", out) and re.search(r"int4 +2\.68 MiB", out)
+    assert re.search(r"total +7\.00 M \(7,002,880\)", out) and re.search(r"adapter \(GLU, boi, eoi\) +333 K", out)
+    assert re.search(r"bf16 +13\.4 MiB", out) and re.search(r"int4 +3\.34 MiB", out)
     assert " B\n" not in out and "0.0" not in out
 
 
