@@ -191,6 +191,10 @@ def _coerce(name: str, value: Any) -> Any:
         raise TrainError(f"--{name}: cannot read {value!r} as {getattr(kind, '__name__', kind)}") from None
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.mode not in MODES:
@@ -205,18 +209,14 @@ def _validate(cfg: TrainConfig) -> None:
         isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in cfg.rescale.values()
     ):
         problems.append(f"rescale {cfg.rescale!r} (use a mapping of parameter pattern to a positive factor)")
-    if cfg.image_size is not None and (
-        isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size <= 0
-    ):
+    if cfg.image_size is not None and not _positive_int(cfg.image_size):
         problems.append(f"image_size {cfg.image_size!r} (use a positive number of pixels)")
     if cfg.image_size is not None and cfg.mode == "lora":
         problems.append(
             "image_size with mode lora (LoRA merges onto the base as stored: resize it in "
             "a from_scratch or expert stage first)"
         )
-    if cfg.vision_layers is not None and (
-        isinstance(cfg.vision_layers, bool) or not isinstance(cfg.vision_layers, int) or cfg.vision_layers <= 0
-    ):
+    if cfg.vision_layers is not None and not _positive_int(cfg.vision_layers):
         problems.append(f"vision_layers {cfg.vision_layers!r} (use a positive number of layers)")
     if cfg.vision_layers is not None and cfg.mode == "lora":
         problems.append("vision_layers with mode lora (grow the ViT in a from_scratch or expert stage first)")
