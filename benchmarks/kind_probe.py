@@ -7,7 +7,8 @@ first word: (1) one filled shape alone on a white 224 x 224 canvas, drawn with p
 the four kinds a square canvas can confuse (rectangles and ellipses 2-3 times as long as wide) at
 five sizes (the longer side 15-75% of the canvas); (2) the generator's own varied scenes of one or
 two shapes (`cogvlm.synthetic.varied`, any canvas, background and outline), by kind and by size
-band of the asked shape. Printed: accuracy per kind, per size, and the commonest confusions.
+band of the asked shape. Printed: accuracy per kind, per size, each kind by size, and the
+commonest confusions.
 """
 
 from __future__ import annotations
@@ -64,14 +65,18 @@ def report(title: str, items: list[tuple[Image.Image, str, str, str]], answers: 
     confusions: Counter = Counter()
     for (_, _, kind, size), answer in zip(items, answers):
         word = answer.split()[0].strip(".,") if answer.split() else ""
-        for key in ("all", kind, size):
+        for key in ("all", kind, size, f"{kind} {size}"):
             hits[key].append(word == kind)
         if word != kind:
             confusions[(kind, word)] += 1
     print(f"{title}: {len(items)} questions")
-    sizes = sorted(k for k in hits if k not in KINDS and k != "all")
-    for key in ["all", *sorted(k for k in hits if k in KINDS), *sizes]:
+    kinds = sorted(k for k in hits if k in KINDS)
+    sizes = sorted(k for k in hits if k not in KINDS and k != "all" and k.split()[0] not in KINDS)
+    for key in ["all", *kinds, *sizes]:
         print(f"  {key:<14} {sum(hits[key]) / len(hits[key]):.2f} ({len(hits[key])})")
+    for kind in kinds:  # each kind by size: right / asked
+        cells = (f"{size} {sum(hits[f'{kind} {size}'])}/{len(hits[f'{kind} {size}'])}" for size in sizes)
+        print(f"  {kind:<14} by size: " + ", ".join(c for c in cells if not c.endswith("/0")))
     common = ", ".join(f"{truth} -> {answer} {n}" for (truth, answer), n in confusions.most_common(5))
     print("  commonest confusions (truth -> answer):", common)
 
