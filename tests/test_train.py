@@ -201,15 +201,19 @@ def test_synthetic_source_is_iter_samples_by_index(turns):
     assert max(len(source[i].turns) for i in range(6)) == turns
 
 
-def test_synthetic_min_shapes_draws_crowded_scenes():
+def test_synthetic_min_and_max_shapes_bound_the_scenes():
     def counts(**options):
         source = data.SyntheticSource(seed=4, size=224, per_scene=1, tasks=["caption"], **options)
         return [len(synthetic.parse_caption_objects(source[i].turns[0][1])) for i in range(30)]
 
-    assert min(counts()) == 1
+    assert min(counts()) == 1 and max(counts()) == 4
     assert min(counts(min_shapes=3)) == 3 and max(counts(min_shapes=3)) == 4
+    assert max(counts(max_shapes=2)) == 2 and max(counts(varied=True)) > 2
+    assert set(counts(varied=True, max_shapes=1)) == {1}
     with pytest.raises(TrainError, match="min_shapes 5"):
         data.build_source({"type": "synthetic", "min_shapes": 5}, TINY, 0)
+    with pytest.raises(TrainError, match="max_shapes 1 .use min_shapes 2 to 4"):
+        data.build_source({"type": "synthetic", "min_shapes": 2, "max_shapes": 1}, TINY, 0)
 
 
 def test_multi_turn_synthetic_example_labels_every_answer(reference_tokenizer):

@@ -17,6 +17,7 @@ from PIL import Image
 from ..fileio import atomic_write_bytes
 from .records import TASKS, make_records
 from .scene import MAX_SHAPES, Scene, make_scene, scene_to_dict
+from .varied import MAX_SHAPES as VARIED_MAX_SHAPES
 from .varied import make_varied_scene
 
 
@@ -27,12 +28,15 @@ def draw_scene(
     varied: bool = False,
     easy: bool = False,
     min_shapes: int = 1,
+    max_shapes: int | None = None,
     max_aspect: float | None = None,
 ) -> Scene:
-    """A plain scene (`make_scene`, size x size) or a varied one (`make_varied_scene`, its own canvas)."""
+    """A plain scene (`make_scene`, size x size) or a varied one (`make_varied_scene`, its own canvas);
+    `max_shapes` defaults to the generator's most."""
     if varied:
-        return make_varied_scene(rng, min_shapes=min_shapes, max_aspect=max_aspect)
-    return make_scene(rng, size, min_shapes=min_shapes, max_shapes=MAX_SHAPES, easy=easy)
+        most = max_shapes or VARIED_MAX_SHAPES
+        return make_varied_scene(rng, min_shapes=min_shapes, max_shapes=most, max_aspect=max_aspect)
+    return make_scene(rng, size, min_shapes=min_shapes, max_shapes=max_shapes or MAX_SHAPES, easy=easy)
 
 
 def _scene_rng(seed: int, index: int) -> random.Random:

@@ -40,13 +40,15 @@ Data
   data                     list of sources, each a dict with `type`:
                            {type: jsonl, path: FILE}, {type: sft311k, path: FOLDER},
                            {type: synthetic, seed: 0, size: null, tasks: null, easy: false,
-                           per_scene: 3, turns: 1, min_shapes: 1, varied: false}; every source
-                           takes `weight` (sampling share, default 1) and `template_version`
-                           (default: the record's, else the model's); synthetic `turns` > 1 asks
-                           several vqa questions per conversation, a task named twice in `tasks` is
-                           drawn twice as often, `min_shapes` (1-4, varied 1-6) draws only scenes
-                           that crowded, and `varied` draws the scenes people draw (any canvas and
-                           background, outlines, anti-aliasing, JPEG; `size` then does not apply);
+                           per_scene: 3, turns: 1, min_shapes: 1, max_shapes: null, varied: false};
+                           every source takes `weight` (sampling share, default 1) and
+                           `template_version` (default: the record's, else the model's); synthetic
+                           `turns` > 1 asks several vqa questions per conversation, a task named
+                           twice in `tasks` is drawn twice as often, `min_shapes` (1-4, varied 1-6)
+                           draws only scenes that crowded, `max_shapes` (default the most) none more
+                           crowded (varied scenes of fewer shapes have room for larger ones), and
+                           `varied` draws the scenes people draw (any canvas and background,
+                           outlines, anti-aliasing, JPEG; `size` then does not apply);
                            varied `max_aspect` (default: canvases 0.7-1.45 wide per high) keeps
                            canvases within 1/max_aspect-max_aspect (4:3 = 1.333); `relations`
                            (default [left, right, above, below]) are the words relation questions

@@ -217,10 +217,13 @@ class SyntheticSource:
         varied: bool = False,
         max_aspect: float | None = None,
         relations: Sequence[str] = synthetic.RELATIONS,
+        max_shapes: int | None = None,
     ) -> None:
         most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
         if not 1 <= min_shapes <= most:
             raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {most})")
+        if max_shapes is not None and not min_shapes <= max_shapes <= most:
+            raise TrainError(f"data source synthetic: max_shapes {max_shapes} (use min_shapes {min_shapes} to {most})")
         check_max_aspect(max_aspect, varied)
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
@@ -230,7 +233,8 @@ class SyntheticSource:
         except ValueError as e:
             raise TrainError(f"data source synthetic: {e}") from None
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
-        self.min_shapes, self.varied, self.max_aspect, self.relations = min_shapes, varied, max_aspect, relations
+        self.min_shapes, self.max_shapes, self.varied = min_shapes, max_shapes, varied
+        self.max_aspect, self.relations = max_aspect, relations
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -238,7 +242,7 @@ class SyntheticSource:
         """Scene k's image and records (the last one is kept: its records are consecutive)."""
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
-            options = {"min_shapes": self.min_shapes, "max_aspect": self.max_aspect}
+            options = {"min_shapes": self.min_shapes, "max_shapes": self.max_shapes, "max_aspect": self.max_aspect}
             scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, **options)
             records = synthetic.make_records(
                 scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns, self.relations
