@@ -84,6 +84,19 @@ def test_patch_dataset_draws_varied_scenes_with_their_targets():
     assert 1 + synthetic.KINDS.index("ellipse") in kinds  # the new kind has a class of its own
 
 
+def test_patch_dataset_max_shapes_draws_scenes_of_that_few_shapes():
+    """`max_shapes: 1` gives the language tasks' one-shape scenes (room for big shapes) and their targets."""
+    vision = PRESETS["tiny"].vision_config
+    grid = vision.image_size // vision.patch_size
+    data = PatchDataset([{"type": "synthetic", "seed": 7, "varied": True, "max_shapes": 1}], PRESETS["tiny"], seed=0)
+    for index in range(6):
+        scene = synthetic.make_varied_scene(random.Random(f"7:{index}"), max_shapes=1)
+        assert len(scene.shapes) <= 1
+        assert torch.equal(data[index]["kind"], patch_targets(scene, grid)["kind"])
+    with pytest.raises(TrainError, match="max_shapes 7 .use min_shapes 1 to 6"):
+        PatchDataset([{"type": "synthetic", "varied": True, "max_shapes": 7}], PRESETS["tiny"], seed=0)
+
+
 def test_only_synthetic_sources_are_accepted(tmp_path):
     with pytest.raises(TrainError, match="must be {type: synthetic"):
         run(config(tmp_path, data=[{"type": "jsonl", "path": "x.jsonl"}]))

@@ -28,7 +28,8 @@ Model and mode
   objective                lm (default): next-token loss on the assistant tokens | patches: only the
                            vision side trains (see patch_features), each patch predicting the kind,
                            colour and box of the synthetic shape under it through a throwaway head
-                           (`cogvlm.train.patches`; synthetic data only, mode from_scratch); a
+                           (`cogvlm.train.patches`; synthetic data only: seed, size, easy,
+                           varied, max_shapes, max_aspect; mode from_scratch); a
                            pretraining stage for the ViT and adapter
   patch_features           objective patches: what the head reads; vit (default: the ViT's patch
                            features, only the ViT trains) | image_tokens (the decoder's image tokens,

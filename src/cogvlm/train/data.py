@@ -187,6 +187,15 @@ class FiniteSource:
         return self.items[self._order[offset]]
 
 
+def check_shape_counts(min_shapes: int, max_shapes: int | None, varied: bool) -> None:
+    """TrainError unless 1 <= min_shapes <= max_shapes (None: the generator's most) <= that most."""
+    most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
+    if not 1 <= min_shapes <= most:
+        raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {most})")
+    if max_shapes is not None and not min_shapes <= max_shapes <= most:
+        raise TrainError(f"data source synthetic: max_shapes {max_shapes} (use min_shapes {min_shapes} to {most})")
+
+
 def check_max_aspect(max_aspect: float | None, varied: bool) -> None:
     """`max_aspect` of a synthetic source: varied scenes only, 1 (square canvases) to 2."""
     if max_aspect is None:
@@ -219,11 +228,7 @@ class SyntheticSource:
         relations: Sequence[str] = synthetic.RELATIONS,
         max_shapes: int | None = None,
     ) -> None:
-        most = synthetic.varied.MAX_SHAPES if varied else synthetic.MAX_SHAPES
-        if not 1 <= min_shapes <= most:
-            raise TrainError(f"data source synthetic: min_shapes {min_shapes} (use 1 to {most})")
-        if max_shapes is not None and not min_shapes <= max_shapes <= most:
-            raise TrainError(f"data source synthetic: max_shapes {max_shapes} (use min_shapes {min_shapes} to {most})")
+        check_shape_counts(min_shapes, max_shapes, varied)
         check_max_aspect(max_aspect, varied)
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
