@@ -34,11 +34,13 @@ def attention_probs(layer: TransformerLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_without_attention(vision: EVA2CLIPModel, images: torch.Tensor) -> torch.Tensor:
-    """The image tokens with every layer's attention sublayer left out: x -> x + LN(mlp(x))."""
+    """The image tokens (boi/eoi dropped) with every layer's attention sublayer left out:
+    x -> x + LN(mlp(x)); then the CogVLM2 conv where there is one, and the adapter, as the model's own."""
     x = vision.patch_embedding(images)
     for layer in vision.transformer.layers:
         x = x + layer.post_attention_layernorm(layer.mlp(x))
-    return vision.linear_proj(x[:, 1:])
+    x = x[:, 1:]  # (N, P, Dv), cls dropped
+    return vision.linear_proj(vision._halve_grid(x) if vision.conv is not None else x)
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ def report(vision: EVA2CLIPModel, images: torch.Tensor) -> None:
         x = layer(x)
     position = embed.position_embedding.weight[1:].norm(dim=-1).mean()
     print(f"patch embedding: pixels {pixels.norm(dim=-1).mean():.1f}, position {position:.1f} (mean norms)")
-    full = vision.linear_proj(vision.transformer(embed(images))[:, 1:])
+    full = vision(images)[:, 1:-1]  # (N, G, D), boi/eoi dropped
     alone = tokens_without_attention(vision, images)
     print(f"image tokens without attention: {(alone - full).norm() / full.norm():.3f} of their norm moved")
 
