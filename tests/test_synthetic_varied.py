@@ -249,3 +249,49 @@ def test_max_aspect_narrows_the_canvases():
         with pytest.raises(TrainError, match=message):
             patch_spec = {k: v for k, v in bad.items() if k in ("type", "seed", "varied", "max_aspect")}
             PatchDataset([patch_spec], get_preset("tiny"), 0)
+
+
+def _square_share_by_area(scenes: list[S.Scene]) -> tuple[float, float]:
+    """Among squares and rectangles: the share of squares with sqrt-area under 12% and over 20% of
+    the canvas's shorter side."""
+    small, large = Counter(), Counter()
+    for sc in scenes:
+        side = min(sc.width, sc.height)
+        for s in sc.shapes:
+            if s.kind in ("square", "rectangle"):
+                size = math.sqrt((s.box[2] - s.box[0]) * (s.box[3] - s.box[1])) / side
+                band = small if size < 0.12 else large if size > 0.2 else None
+                if band is not None:
+                    band[s.kind] += 1
+    return small["square"] / sum(small.values()), large["square"] / sum(large.values())
+
+
+def test_match_area_takes_away_the_size_that_tells_a_square_from_a_rectangle():
+    """By the longer side (the default) a big rectilinear shape is mostly a square, which a model
+    learns instead of looking at the sides; `match_area` sizes rectangles
+    and ellipses by area as squares and circles are, their sides still 1.9-3.2 to one."""
+    from cogvlm.config import get_preset
+    from cogvlm.train.config import TrainError
+    from cogvlm.train.data import build_source
+    from cogvlm.train.patches import PatchDataset
+
+    matched = [S.make_varied_scene(random.Random(f"9:{i}"), match_area=True) for i in range(1500)]
+    small, large = _square_share_by_area(matched)
+    assert 0.4 < small < 0.6 and 0.4 < large < 0.6, (small, large)
+    assert _square_share_by_area(_scenes(9, 1500))[1] > 0.75  # the default: big means square
+    for sc in matched:
+        for s in sc.shapes:
+            w, h = s.box[2] - s.box[0], s.box[3] - s.box[1]
+            assert 0 <= s.box[0] and s.box[2] <= sc.width and 0 <= s.box[1] and s.box[3] <= sc.height
+            if s.kind in ("rectangle", "ellipse") and min(w, h) > 10:
+                assert 1.8 < max(w, h) / min(w, h) < 3.4, (w, h)
+    spec = {"type": "synthetic", "seed": 9, "varied": True, "match_area": True, "per_scene": 1, "tasks": ["count"]}
+    source = build_source(spec, get_preset("tiny"), 0)
+    assert source[5].image.tobytes() == matched[5].render().tobytes()
+    bad_specs = ((dict(spec, varied=False), "varied scenes only"), (dict(spec, match_area="yes"), "match_area"))
+    for bad, message in bad_specs:
+        with pytest.raises(TrainError, match=message):
+            build_source(bad, get_preset("tiny"), 0)
+        with pytest.raises(TrainError, match=message):
+            patch_spec = {k: v for k, v in bad.items() if k in ("type", "seed", "varied", "match_area")}
+            PatchDataset([patch_spec], get_preset("tiny"), 0)

@@ -30,12 +30,15 @@ def draw_scene(
     min_shapes: int = 1,
     max_shapes: int | None = None,
     max_aspect: float | None = None,
+    match_area: bool = False,
 ) -> Scene:
     """A plain scene (`make_scene`, size x size) or a varied one (`make_varied_scene`, its own canvas);
     `max_shapes` defaults to the generator's most."""
     if varied:
         most = max_shapes or VARIED_MAX_SHAPES
-        return make_varied_scene(rng, min_shapes=min_shapes, max_shapes=most, max_aspect=max_aspect)
+        return make_varied_scene(
+            rng, min_shapes=min_shapes, max_shapes=most, max_aspect=max_aspect, match_area=match_area
+        )
     return make_scene(rng, size, min_shapes=min_shapes, max_shapes=max_shapes or MAX_SHAPES, easy=easy)
 
 

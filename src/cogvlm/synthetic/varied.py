@@ -92,6 +92,19 @@ def _size_name(extent: float, side: int) -> str:
     return "small" if fraction < 0.17 else "large" if fraction > 0.28 else "medium"
 
 
+def _area_matched_dims(rng: random.Random, smallest: float, largest: float, room: float) -> tuple[int, int]:
+    """(width, height) of a rectangle or ellipse as large in area as a square or circle whose side is
+    drawn from smallest-largest as theirs is, its longer side within `room` (the canvas's shorter
+    side less its borders); so that a shape's size says little of its kind (with `_dims`, a
+    rectilinear shape as large in area as a square a fifth of the canvas's shorter side or more
+    is a square 81-89% of the time)."""
+    stretch = math.sqrt(rng.uniform(*ELONGATION))
+    top = max(smallest, min(largest, room / stretch))
+    equal_side = math.exp(rng.uniform(math.log(smallest), math.log(top)))
+    long, short = max(4, round(equal_side * stretch)), max(3, round(equal_side / stretch))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
 def canvas(rng: random.Random, max_aspect: float | None = None) -> tuple[int, int]:
     """(width, height): a square or an aspect within ASPECTS (within 1/max_aspect-max_aspect when
     given), the longer side 112-512 pixels."""
@@ -104,12 +117,19 @@ def canvas(rng: random.Random, max_aspect: float | None = None) -> tuple[int, in
 
 
 def make_varied_scene(
-    rng: random.Random, *, min_shapes: int = 1, max_shapes: int = MAX_SHAPES, max_aspect: float | None = None
+    rng: random.Random,
+    *,
+    min_shapes: int = 1,
+    max_shapes: int = MAX_SHAPES,
+    max_aspect: float | None = None,
+    match_area: bool = False,
 ) -> Scene:
     """A random varied scene of min_shapes-max_shapes non-overlapping shapes (fewer when some do not fit).
 
     `max_aspect` narrows the canvases (see `canvas`): within 4:3 a rectangle (1.9-3.2 long) still
     looks longer than a square on any canvas once the preprocessing squashes it to a square.
+    `match_area` sizes rectangles and ellipses by area as squares and circles are (see
+    `_area_matched_dims`) instead of by their longer side.
     """
     width, height = canvas(rng, max_aspect)
     side = min(width, height)
@@ -132,8 +152,11 @@ def make_varied_scene(
         if min(math.dist(rgb, b) for b in look.background_colors()) < MIN_CONTRAST:
             continue  # the background would hide it
         upper = _MAX_EXTENT[n]
-        extent = side * math.exp(rng.uniform(math.log(_MIN_EXTENT), math.log(upper)))
-        w, h = _dims(kind, extent, rng)
+        if match_area and kind in ("rectangle", "ellipse"):
+            w, h = _area_matched_dims(rng, side * _MIN_EXTENT, side * upper, side - 2 * border)
+        else:
+            extent = side * math.exp(rng.uniform(math.log(_MIN_EXTENT), math.log(upper)))
+            w, h = _dims(kind, extent, rng)
         if w > width - 2 * border or h > height - 2 * border:
             continue
         outline = 0

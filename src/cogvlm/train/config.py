@@ -29,7 +29,7 @@ Model and mode
                            vision side trains (see patch_features), each patch predicting the kind,
                            colour and box of the synthetic shape under it through a throwaway head
                            (`cogvlm.train.patches`; synthetic data only: seed, size, easy,
-                           varied, max_shapes, max_aspect; mode from_scratch); a
+                           varied, max_shapes, max_aspect, match_area; mode from_scratch); a
                            pretraining stage for the ViT and adapter
   patch_features           objective patches: what the head reads; vit (default: the ViT's patch
                            features, only the ViT trains) | image_tokens (the decoder's image tokens,
@@ -51,7 +51,9 @@ Data
                            `varied` draws the scenes people draw (any canvas and background,
                            outlines, anti-aliasing, JPEG; `size` then does not apply);
                            varied `max_aspect` (default: canvases 0.7-1.45 wide per high) keeps
-                           canvases within 1/max_aspect-max_aspect (4:3 = 1.333); `relations`
+                           canvases within 1/max_aspect-max_aspect (4:3 = 1.333); varied
+                           `match_area` (default false) sizes rectangles and ellipses by area as
+                           squares and circles are, not by their longer side; `relations`
                            (default [left, right, above, below]) are the words relation questions
                            use: [left, above] asks each comparison one way (no XOR to learn)
   eval_data                sources of the diagnostic batch (default: `data`, synthetic seeds moved

@@ -196,12 +196,16 @@ def check_shape_counts(min_shapes: int, max_shapes: int | None, varied: bool) ->
         raise TrainError(f"data source synthetic: max_shapes {max_shapes} (use min_shapes {min_shapes} to {most})")
 
 
-def check_max_aspect(max_aspect: float | None, varied: bool) -> None:
-    """`max_aspect` of a synthetic source: varied scenes only, 1 (square canvases) to 2."""
+def check_varied_options(max_aspect: float | None, match_area: bool, varied: bool) -> None:
+    """The options of a synthetic source that only varied scenes take: `max_aspect` 1 (square
+    canvases) to 2, `match_area` true or false."""
+    for name, value in (("max_aspect", max_aspect), ("match_area", match_area)):
+        if value not in (None, False) and not varied:
+            raise TrainError(f"data source synthetic: {name} applies to varied scenes only (add varied: true)")
+    if not isinstance(match_area, bool):
+        raise TrainError(f"data source synthetic: match_area {match_area!r} (use true or false)")
     if max_aspect is None:
         return
-    if not varied:
-        raise TrainError("data source synthetic: max_aspect applies to varied scenes only (add varied: true)")
     if not isinstance(max_aspect, (int, float)) or not 1.0 <= max_aspect <= 2.0:
         raise TrainError(f"data source synthetic: max_aspect {max_aspect} (use 1 to 2)")
 
@@ -227,9 +231,10 @@ class SyntheticSource:
         max_aspect: float | None = None,
         relations: Sequence[str] = synthetic.RELATIONS,
         max_shapes: int | None = None,
+        match_area: bool = False,
     ) -> None:
         check_shape_counts(min_shapes, max_shapes, varied)
-        check_max_aspect(max_aspect, varied)
+        check_varied_options(max_aspect, match_area, varied)
         for task in tasks or ():
             if task not in synthetic.ALL_TASKS:
                 raise TrainError(f"data source synthetic: unknown task {task!r} (use {', '.join(synthetic.ALL_TASKS)})")
@@ -239,7 +244,7 @@ class SyntheticSource:
             raise TrainError(f"data source synthetic: {e}") from None
         self.seed, self.size, self.tasks, self.turns = seed, size, tasks, turns
         self.min_shapes, self.max_shapes, self.varied = min_shapes, max_shapes, varied
-        self.max_aspect, self.relations = max_aspect, relations
+        self.max_aspect, self.match_area, self.relations = max_aspect, match_area, relations
         self.easy, self.per_scene, self.template_version = easy, per_scene, template_version
         self._last: tuple[int, Any, list[dict]] = (-1, None, [])
 
@@ -247,7 +252,12 @@ class SyntheticSource:
         """Scene k's image and records (the last one is kept: its records are consecutive)."""
         if self._last[0] != k:
             rng = random.Random(f"{self.seed}:{k}")
-            options = {"min_shapes": self.min_shapes, "max_shapes": self.max_shapes, "max_aspect": self.max_aspect}
+            options = {
+                "min_shapes": self.min_shapes,
+                "max_shapes": self.max_shapes,
+                "max_aspect": self.max_aspect,
+                "match_area": self.match_area,
+            }
             scene = synthetic.draw_scene(rng, self.size, varied=self.varied, easy=self.easy, **options)
             records = synthetic.make_records(
                 scene, rng, f"images/{k:06d}.png", self.tasks, self.per_scene, self.turns, self.relations
@@ -436,7 +446,7 @@ __all__ = [
     "read_sft311k",
     "FiniteSource",
     "SyntheticSource",
-    "check_max_aspect",
+    "check_varied_options",
     "build_source",
     "build_example",
     "pick_source",

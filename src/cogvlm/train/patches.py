@@ -29,7 +29,7 @@ from ..config import CogVLMConfig
 from ..dropin import CogVLMForCausalLM
 from ..image import preprocess
 from .config import TrainError
-from .data import HELDOUT_SEED_OFFSET, check_max_aspect, check_shape_counts, pick_source
+from .data import HELDOUT_SEED_OFFSET, check_shape_counts, check_varied_options, pick_source
 from .modes import set_trainable
 
 HEAD_FILE = "patch_head.safetensors"
@@ -78,8 +78,8 @@ class PatchDataset(Dataset):
     """Item i: scene i of a weighted choice among synthetic sources, as pixels and patch targets.
 
     Scene k of a source with seed s is `draw_scene(random.Random(f"{s}:{k}"), size, varied=varied,
-    easy=easy, max_shapes=max_shapes, max_aspect=max_aspect)`, the scenes the language tasks of the
-    same seed are asked about.
+    easy=easy, max_shapes=max_shapes, max_aspect=max_aspect, match_area=match_area)`, the scenes
+    the language tasks of the same seed are asked about.
     """
 
     def __init__(self, specs: Sequence[dict], config: CogVLMConfig, seed: int, heldout: bool = False) -> None:
@@ -90,9 +90,7 @@ class PatchDataset(Dataset):
         self.seed = seed
 
     @staticmethod
-    def _source(
-        spec: dict, config: CogVLMConfig, heldout: bool
-    ) -> tuple[int, int, bool, bool, int | None, float | None]:
+    def _source(spec: dict, config: CogVLMConfig, heldout: bool) -> tuple[int, int, bool, bool, dict]:
         spec = dict(spec)
         if spec.pop("type", None) != "synthetic":
             raise TrainError(
@@ -103,20 +101,21 @@ class PatchDataset(Dataset):
         seed = int(spec.pop("seed", 0)) + (HELDOUT_SEED_OFFSET if heldout else 0)
         size = spec.pop("size", None) or config.vision_config.image_size
         easy, varied = bool(spec.pop("easy", False)), bool(spec.pop("varied", False))
-        max_shapes, max_aspect = spec.pop("max_shapes", None), spec.pop("max_aspect", None)
+        shapes = {key: spec.pop(key, None) for key in ("max_shapes", "max_aspect")}
+        shapes["match_area"] = spec.pop("match_area", False)
         if spec:
             raise TrainError(
                 f"objective patches: synthetic source option(s) {', '.join(sorted(spec))} "
-                "do not apply (use seed, size, easy, varied, max_shapes, max_aspect, weight)"
+                "do not apply (use seed, size, easy, varied, max_shapes, max_aspect, match_area, weight)"
             )
-        check_shape_counts(1, max_shapes, varied)
-        check_max_aspect(max_aspect, varied)
-        return seed, int(size), easy, varied, max_shapes, max_aspect
+        check_shape_counts(1, shapes["max_shapes"], varied)
+        check_varied_options(shapes["max_aspect"], shapes["match_area"], varied)
+        return seed, int(size), easy, varied, shapes
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seed, size, easy, varied, max_shapes, max_aspect = self.sources[pick_source(self.seed, index, self.weights)]
+        seed, size, easy, varied, shapes = self.sources[pick_source(self.seed, index, self.weights)]
         rng = random.Random(f"{seed}:{index}")
-        scene = synthetic.draw_scene(rng, size, varied=varied, easy=easy, max_shapes=max_shapes, max_aspect=max_aspect)
+        scene = synthetic.draw_scene(rng, size, varied=varied, easy=easy, **shapes)
         return {"pixels": preprocess(scene.render(), self.image_size), **patch_targets(scene, self.grid)}
 
 
