@@ -268,8 +268,8 @@ def _square_share_by_area(scenes: list[S.Scene]) -> tuple[float, float]:
 
 def test_match_area_takes_away_the_size_that_tells_a_square_from_a_rectangle():
     """By the longer side (the default) a big rectilinear shape is mostly a square, which a model
-    learns instead of looking at the sides; `match_area` sizes rectangles
-    and ellipses by area as squares and circles are, their sides still 1.9-3.2 to one."""
+    learns instead of looking at the sides; `match_area` sizes rectangles and ellipses by area as
+    squares and circles are, their sides still 1.9-3.2 to one."""
     from cogvlm.config import get_preset
     from cogvlm.train.config import TrainError
     from cogvlm.train.data import build_source
