@@ -104,7 +104,6 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=2000, help="scenes per pair")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(2)
     model = cogvlm.load(args.model, tokenizer=args.tokenizer, device="cpu").model.eval()
     size = model.config.vision_config.image_size
     for pair in PAIRS:
