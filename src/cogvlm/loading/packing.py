@@ -7,12 +7,19 @@ fp32 and 6.0 -> 3.7 ms in bf16, eight rows 25.3 -> 13.4 ms and 7.9 -> 5.0 ms. In
 a packed layer has no gradient, and its weight is no longer a parameter (state_dict and saving
 see none), so `cogvlm.load` packs only when the model is wholly on the CPU, unquantised, in
 float32 or bfloat16; training and the drop-in class keep plain layers.
+
+A bf16 weight that decoding reads (any but the vision tower's and the visual experts', which see
+only image positions) goes to our own kernel instead (`RowLinear`, `rowkernel.py`) where the CPU
+has AVX512-BF16 and the kernel builds: it reads a weight faster than oneDNN for a decode step's rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import rowkernel
 
 PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -35,6 +42,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
+class RowLinear(nn.Module):
+    """`nn.Linear` for bf16 CPU inference on a weight in `rowkernel`'s layout: our kernel for up to
+    `rowkernel.max_rows()` rows (decode steps, a prompt's text), oneDNN through `F.linear` on the
+    weight unpacked for more (a long text prompt, where the products outweigh the unpacking)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.weight = rowkernel.pack(linear.weight.detach())
+            self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16, copy=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() <= rowkernel.max_rows() * self.in_features:
+            return rowkernel.rows(x, self.weight, self.bias)
+        return F.linear(x, rowkernel.unpack(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for cogvlm's row kernel"
+
+
 def can_pack() -> bool:
     """Whether this PyTorch build has oneDNN (every official CPU wheel does)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -42,15 +70,17 @@ def can_pack() -> bool:
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` whose weight is a dense CPU tensor in float32 / bfloat16 by a
+    `RowLinear` (bf16 weights our kernel takes, where it runs, but the image-only ones) or a
     `PackedLinear`, one at a time (the plain weight is freed as its packed copy is made); returns how
     many were packed."""
     if not can_pack():
         return 0
     count = 0
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and _plain_cpu(child.weight):
-                setattr(module, name, PackedLinear(child))
+                row = "vision" not in f"{path}.{name}" and rowkernel.fits(child.weight) and rowkernel.available()
+                setattr(module, name, RowLinear(child) if row else PackedLinear(child))
                 count += 1
     return count
 

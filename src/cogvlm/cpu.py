@@ -1,0 +1,19 @@
+"""What this machine's CPU can run, as PyTorch finds it: the kernels picked for bf16 on the CPU
+(`loading/rowkernel.py`, the decode attention in `model/decoder.py`) depend on it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+
+
+@functools.cache
+def has(feature: str) -> bool:
+    """Whether this is an x86-64 Linux CPU with the feature ("avx512_bf16", "amx_tile"); False
+    elsewhere or where this PyTorch cannot tell."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    return bool(probe and probe())
