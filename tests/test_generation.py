@@ -251,10 +251,12 @@ def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
-def test_bf16_cpu_slots_decode_compiled_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch, amx):
     """A bf16 model on the CPU keeps its keys by row and its values (B, Hkv, K, L) in memory, each
-    decode step attends through the compiled reductions, and the logits at every step are the lone
-    full forward's (which never reads a cache) to bf16's precision."""
+    decode step attends through the compiled reductions (eagerly, with oneDNN, on a CPU with AMX),
+    and the logits at every step are the lone full forward's (which never reads a cache) to bf16's
+    precision."""
     from cogvlm import CogVLMForCausalLM
     from cogvlm.generation.decoder import DecodeState, Row
     from cogvlm.model import decoder
@@ -273,6 +275,7 @@ def test_bf16_cpu_slots_decode_compiled_as_the_full_forward(reference_dir, refer
         return compiled(*args)
 
     monkeypatch.setattr(decoder, "compiled_attention", counted)
+    monkeypatch.setattr(decoder, "cpu_has_amx", lambda: amx)
     batch = collate([sample])
     batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
     row = Row(GenerationConfig(), sample["input_ids"])
@@ -283,7 +286,7 @@ def test_bf16_cpu_slots_decode_compiled_as_the_full_forward(reference_dir, refer
             state.feed([row])
             seen.append(state.step()[0])
             row.tokens.append(int(seen[-1].argmax()))
-    assert len(calls) == 8 * model.config.num_hidden_layers and not compiled.failed
+    assert len(calls) == (0 if amx else 8 * model.config.num_hidden_layers) and not compiled.failed
     want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
     got = torch.stack(seen).float()
     assert (got - want.float()).abs().max().item() < 0.1, (got - want.float()).abs().max().item()
