@@ -251,31 +251,35 @@ def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch, amx):
+@pytest.mark.parametrize("path", ["kernel", "compiled", "eager"])
+def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch, path):
     """A bf16 model on the CPU keeps its keys by row and its values (B, Hkv, K, L) in memory, each
-    decode step attends through the compiled reductions (eagerly, with oneDNN, on a CPU with AMX),
-    and the logits at every step are the lone full forward's (which never reads a cache) to bf16's
-    precision."""
-    from cogvlm import CogVLMForCausalLM
+    decode step attends through our kernel where it runs, else the compiled reductions (else,
+    on a CPU with AMX, eagerly with oneDNN), and the logits at every step are the lone full
+    forward's (which never reads a cache) to bf16's precision."""
+    from cogvlm import CogVLMForCausalLM, kernels
     from cogvlm.generation.decoder import DecodeState, Row
     from cogvlm.model import decoder
 
+    if path == "kernel" and not kernels.available():
+        pytest.skip("no AVX512-BF16 CPU or no C compiler: the kernel does not run here")
     model = CogVLMForCausalLM.from_pretrained(reference_dir, torch_dtype="bfloat16")
     vlm = Pipeline(model, reference_tokenizer)
     sample = vlm.build("Describe this image.", images[0])
     state = DecodeState(model, 2, 128)
     keys, values = state.cache.layers[0]
     assert keys.stride(-1) == 1 and values.stride(-2) == 1  # keys by row, values by column
-    calls = []
-    compiled = decoder.compiled_attention
+    calls = {"kernel": [], "compiled": []}
+    compiled, attend = decoder.compiled_attention, kernels.attend
 
-    def counted(*args):
-        calls.append(1)
-        return compiled(*args)
+    def counted(name, run):
+        return lambda *args: calls[name].append(1) or run(*args)
 
-    monkeypatch.setattr(decoder, "compiled_attention", counted)
-    monkeypatch.setattr(decoder, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(decoder, "compiled_attention", counted("compiled", compiled))
+    monkeypatch.setattr(kernels, "attend", counted("kernel", attend))
+    if path != "kernel":
+        monkeypatch.setattr(kernels, "attends", lambda *args: False)
+    monkeypatch.setattr(decoder, "cpu_has_amx", lambda: path == "eager")
     batch = collate([sample])
     batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
     row = Row(GenerationConfig(), sample["input_ids"])
@@ -286,7 +290,11 @@ def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_toke
             state.feed([row])
             seen.append(state.step()[0])
             row.tokens.append(int(seen[-1].argmax()))
-    assert len(calls) == (0 if amx else 8 * model.config.num_hidden_layers) and not compiled.failed
+    steps = 8 * model.config.num_hidden_layers
+    assert {name: len(made) for name, made in calls.items()} == {
+        name: steps if name == path else 0 for name in ("kernel", "compiled")
+    }
+    assert not compiled.failed
     want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
     got = torch.stack(seen).float()
     assert (got - want.float()).abs().max().item() < 0.1, (got - want.float()).abs().max().item()

@@ -1,5 +1,5 @@
 """What this machine's CPU can run, as PyTorch finds it: the kernels picked for bf16 on the CPU
-(`loading/rowkernel.py`, the decode attention in `model/decoder.py`) depend on it."""
+(`kernels.py`, the decode attention in `model/decoder.py`) depend on it."""
 
 from __future__ import annotations
 

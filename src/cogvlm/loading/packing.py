@@ -9,7 +9,7 @@ see none), so `cogvlm.load` packs only when the model is wholly on the CPU, unqu
 float32 or bfloat16; training and the drop-in class keep plain layers.
 
 A bf16 weight that decoding reads (any but the vision tower's and the visual experts', which see
-only image positions) goes to our own kernel instead (`RowLinear`, `rowkernel.py`) where the CPU
+only image positions) goes to our own kernel instead (`RowLinear`, `cogvlm/kernels.py`) where the CPU
 has AVX512-BF16 and the kernel builds: it reads a weight faster than oneDNN for a decode step's rows.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rowkernel
+from .. import kernels
 
 PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -43,21 +43,21 @@ class PackedLinear(nn.Module):
 
 
 class RowLinear(nn.Module):
-    """`nn.Linear` for bf16 CPU inference on a weight in `rowkernel`'s layout: our kernel for up to
-    `rowkernel.max_rows()` rows (decode steps, a prompt's text), oneDNN through `F.linear` on the
+    """`nn.Linear` for bf16 CPU inference on a weight in `kernels`' layout: our kernel for up to
+    `kernels.max_rows()` rows (decode steps, a prompt's text), oneDNN through `F.linear` on the
     weight unpacked for more (a long text prompt, where the products outweigh the unpacking)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            self.weight = rowkernel.pack(linear.weight.detach())
+            self.weight = kernels.pack(linear.weight.detach())
             self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16, copy=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() <= rowkernel.max_rows() * self.in_features:
-            return rowkernel.rows(x, self.weight, self.bias)
-        return F.linear(x, rowkernel.unpack(self.weight), self.bias)
+        if x.dtype == torch.bfloat16 and x.numel() <= kernels.max_rows() * self.in_features:
+            return kernels.rows(x, self.weight, self.bias)
+        return F.linear(x, kernels.unpack(self.weight), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for cogvlm's row kernel"
@@ -79,7 +79,7 @@ def pack_linears(model: nn.Module) -> int:
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and _plain_cpu(child.weight):
-                row = "vision" not in f"{path}.{name}" and rowkernel.fits(child.weight) and rowkernel.available()
+                row = "vision" not in f"{path}.{name}" and kernels.fits(child.weight) and kernels.available()
                 setattr(module, name, RowLinear(child) if row else PackedLinear(child))
                 count += 1
     return count

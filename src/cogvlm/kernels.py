@@ -1,13 +1,14 @@
-"""Our bf16 kernel for a few rows times a weight (the decode steps of a batch, on the CPU).
+"""Our bf16 kernels for decoding on the CPU: a few rows times a weight, and one query's attention.
 
 On a 2-core AVX-512 / AMX Xeon, oneDNN's and PyTorch's bf16 one-row kernels read a decoder-sized
 weight at 14-18 GB/s where MKL's fp32 `mv` reads 24-27 GB/s (benchmarks/RESULTS.md, issue 19),
-and a bf16 decode step is bound by those reads. `rowkernel.c` reads a weight in its own packed
-layout at 21-27 GB/s from 1 row (`vdpbf16ps`) to 32 rows (AMX, where the CPU has it). It is built
-with the system C compiler on first use, cached under `$XDG_CACHE_HOME/cogvlm/kernels` (written
+and a bf16 decode step is bound by those reads. `kernels.c` reads a weight in its own packed
+layout at 21-27 GB/s from 1 row (`vdpbf16ps`) to 32 rows (AMX, where the CPU has it), and a decode
+step's keys and values once each, in the order the CPU cache stores them. It is built with the
+system C compiler on first use, cached under `$XDG_CACHE_HOME/cogvlm/kernels` (written
 atomically) and loaded with ctypes; its OpenMP threads are PyTorch's own (the process has one
-libgomp). Where the CPU lacks AVX512-BF16, there is no compiler, or `COGVLM_ROW_KERNEL=0`,
-`available()` is False and callers keep oneDNN.
+libgomp). Where the CPU lacks AVX512-BF16, there is no compiler, or `COGVLM_CPU_KERNELS=0`,
+`available()` is False and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .. import cpu
-from ..fileio import atomic_write
+from . import cpu
+from .fileio import atomic_write
 
-SOURCE = Path(__file__).with_name("rowkernel.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp")
 FLAGS += ("-shared", "-fPIC")
 BLOCK, DEPTH = 16, 32  # outputs per packed chunk; inputs per AMX tile row (K must be a multiple)
@@ -41,24 +42,27 @@ def cache_folder() -> Path:
 def _library() -> tuple[ctypes.CDLL, bool] | None:
     """The built kernel (built now if not cached) and whether AMX serves; None (with one warning)
     where it cannot be built."""
-    if os.environ.get("COGVLM_ROW_KERNEL", "1") == "0" or not cpu.has("avx512_bf16"):
+    if os.environ.get("COGVLM_CPU_KERNELS", "1") == "0" or not cpu.has("avx512_bf16"):
         return None
     source = SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    built = cache_folder() / f"rowkernel-{digest}.so"
+    built = cache_folder() / f"kernels-{digest}.so"
     try:
         if not built.exists():
             built.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(built, lambda tmp: _compile(compiler, tmp))
         lib = ctypes.CDLL(str(built))
     except (OSError, subprocess.SubprocessError) as err:
-        warnings.warn(f"bf16 row kernel not built ({err}); oneDNN serves instead", stacklevel=3)
+        warnings.warn(f"bf16 CPU kernels not built ({err}); PyTorch's serve instead", stacklevel=3)
         return None
+    pointer, size = ctypes.c_void_p, ctypes.c_long
     for kernel in (lib.cogvlm_rows_bf16, lib.cogvlm_rows_bf16_amx):
-        kernel.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-        kernel.argtypes += [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+        kernel.argtypes = [pointer, size, pointer, pointer, pointer, size, size]
         kernel.restype = None
+    lib.cogvlm_attend_bf16.argtypes = [pointer, pointer, size, size, pointer, size, size, size, pointer, size]
+    lib.cogvlm_attend_bf16.argtypes += [pointer, size, size, size, size, ctypes.c_float]
+    lib.cogvlm_attend_bf16.restype = ctypes.c_int
     return lib, cpu.has("amx_tile") and torch.cpu._init_amx()  # _init_amx: Linux's leave to use the tiles
 
 
@@ -70,12 +74,12 @@ def _compile(compiler: str, out: str) -> None:
 
 
 def available() -> bool:
-    """Whether the kernel runs here (builds it on the first call)."""
+    """Whether our kernels run here (builds them on the first call)."""
     return _library() is not None
 
 
 def fits(weight: torch.Tensor) -> bool:
-    """A bf16 weight (O, K) the kernel takes: O a multiple of 16, K of 32."""
+    """A bf16 weight (O, K) the row kernels take: O a multiple of 16, K of 32."""
     out_features, in_features = weight.shape
     return weight.dtype == torch.bfloat16 and out_features % BLOCK == 0 and in_features % DEPTH == 0
 
@@ -88,7 +92,7 @@ def max_rows() -> int:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(O, K) -> the kernel's layout (O/16, K/2, 16, 2), contiguous."""
+    """(O, K) -> the row kernels' layout (O/16, K/2, 16, 2), contiguous."""
     out_features, in_features = weight.shape
     return weight.reshape(out_features // BLOCK, BLOCK, in_features // 2, 2).transpose(1, 2).contiguous()
 
@@ -109,7 +113,7 @@ def rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`rows` through the given one of rowkernel.c's two functions."""
+    """`rows` through the given one of kernels.c's row functions."""
     blocks, pairs = packed.shape[:2]
     flat = x.reshape(-1, pairs * 2).contiguous()  # (M, K)
     out = torch.empty(flat.shape[0], blocks * BLOCK, dtype=torch.bfloat16)  # (M, O)
@@ -123,3 +127,45 @@ def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
         pairs * 2,
     )
     return out.view(*x.shape[:-1], blocks * BLOCK)
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend` takes these: bf16, one query and one query head per KV head, keys stored
+    by row and values by column (the bf16 CPU cache's layout), head size a multiple of 16."""
+    head_dim = q.shape[-1]
+    layout = k.stride(-1) == 1 and k.stride(-2) == head_dim and v.stride(-2) == 1
+    shapes = q.shape[2] == 1 and q.shape[1] == k.shape[1] and head_dim % BLOCK == 0
+    return q.dtype == k.dtype == v.dtype == torch.bfloat16 and layout and shapes and available()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decode step's attention where `attends(q, k, v)`: q (B, H, 1, D); k, v (B, H, S, D); mask
+    (B, 1, 1, S) bool or None -> (B, H, 1, D). Reads each key and value once, in memory order."""
+    built = _library()
+    assert built is not None, "attend() called where available() is False"
+    b, h, _, head_dim = q.shape
+    length = k.shape[2]
+    query = q.contiguous()
+    keep = None if mask is None else mask.expand(b, 1, 1, length).reshape(b, length).contiguous()  # (B, S)
+    out = torch.empty(b, h, 1, head_dim, dtype=torch.bfloat16)
+    failed = built[0].cogvlm_attend_bf16(
+        query.data_ptr(),
+        k.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        v.data_ptr(),
+        v.stride(0),
+        v.stride(1),
+        v.stride(3),
+        None if keep is None else keep.data_ptr(),
+        length,
+        out.data_ptr(),
+        b,
+        h,
+        length,
+        head_dim,
+        head_dim**-0.5,
+    )
+    if failed:
+        raise MemoryError(f"decode attention: no memory for {length} scores a thread")
+    return out

@@ -1,6 +1,7 @@
-"""Our bf16 row kernel (`cogvlm.loading.rowkernel`, `RowLinear`): the products of plain layers,
-through both of its kernels and the unpacked path; used only where decoding reads the weight;
-built once into the cache; and oneDNN where it cannot be built."""
+"""Our bf16 CPU kernels (`cogvlm.kernels`): `RowLinear`'s products equal plain layers' through
+both row kernels and the unpacked path, used only where decoding reads the weight; a decode
+step's attention equals `attend_one` on the cache's layout; built once into the cache; oneDNN
+where they cannot be built."""
 
 from __future__ import annotations
 
@@ -10,24 +11,24 @@ import pytest
 import torch
 from torch import nn
 
-from cogvlm import cpu
+from cogvlm import cpu, kernels
 from cogvlm.config import get_preset
-from cogvlm.loading import rowkernel
 from cogvlm.loading.packing import PackedLinear, RowLinear, can_pack, pack_linears
 from cogvlm.model.cogvlm import CogVLMForCausalLM
+from cogvlm.model.decoder import attend_one
 
 needs_kernel = pytest.mark.skipif(
-    not rowkernel.available(), reason="no AVX512-BF16 CPU or no C compiler: the row kernel does not run here"
+    not kernels.available(), reason="no AVX512-BF16 CPU or no C compiler: our kernels do not run here"
 )
 
 
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
-    """`rowkernel` built afresh into an empty cache folder (and forgotten again after the test)."""
+    """`kernels` built afresh into an empty cache folder (and forgotten again after the test)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rowkernel._library.cache_clear()
+    kernels._library.cache_clear()
     yield tmp_path / "cogvlm" / "kernels"
-    rowkernel._library.cache_clear()
+    kernels._library.cache_clear()
 
 
 def _bf16_product(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -38,17 +39,17 @@ def _bf16_product(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 def test_pack_and_unpack_give_back_the_weight():
     weight = torch.randn(48, 64).to(torch.bfloat16)
-    packed = rowkernel.pack(weight)
+    packed = kernels.pack(weight)
     assert packed.shape == (3, 32, 16, 2)
     assert torch.equal(packed[1, 5, 7], weight[16 + 7, 10:12])  # block 1, input pair 5, output 7
-    assert torch.equal(rowkernel.unpack(packed), weight)
+    assert torch.equal(kernels.unpack(packed), weight)
 
 
 def test_fits_only_bf16_weights_of_whole_blocks():
-    assert rowkernel.fits(torch.zeros(32000, 1024, dtype=torch.bfloat16))
-    assert not rowkernel.fits(torch.zeros(600, 64, dtype=torch.bfloat16))  # 600 outputs: not 16s
-    assert not rowkernel.fits(torch.zeros(64, 48, dtype=torch.bfloat16))  # 48 inputs: not 32s
-    assert not rowkernel.fits(torch.zeros(64, 64))
+    assert kernels.fits(torch.zeros(32000, 1024, dtype=torch.bfloat16))
+    assert not kernels.fits(torch.zeros(600, 64, dtype=torch.bfloat16))  # 600 outputs: not 16s
+    assert not kernels.fits(torch.zeros(64, 48, dtype=torch.bfloat16))  # 48 inputs: not 32s
+    assert not kernels.fits(torch.zeros(64, 64))
 
 
 @needs_kernel
@@ -69,13 +70,13 @@ def test_row_linear_equals_linear(rows, bias):
 @pytest.mark.parametrize("kernel", ["cogvlm_rows_bf16", "cogvlm_rows_bf16_amx"])
 @pytest.mark.parametrize("rows", [1, 5, 8, 17, 40])
 def test_both_kernels_equal_the_product(kernel, rows):
-    lib, amx = rowkernel._library()
+    lib, amx = kernels._library()
     if kernel.endswith("amx") and not amx:
         pytest.skip("no AMX on this CPU")
     torch.manual_seed(0)
     linear = nn.Linear(1024, 49 * 16, bias=True).to(torch.bfloat16)  # 49 blocks: every kernel's tail runs
     x = torch.randn(rows, 1024, dtype=torch.bfloat16)
-    got = rowkernel._product(getattr(lib, kernel), x, rowkernel.pack(linear.weight.detach()), linear.bias)
+    got = kernels._product(getattr(lib, kernel), x, kernels.pack(linear.weight.detach()), linear.bias)
     torch.testing.assert_close(got, _bf16_product(x, linear), rtol=1e-2, atol=2e-2)
 
 
@@ -101,26 +102,62 @@ def test_pack_linears_gives_decoding_weights_to_the_kernel_and_image_ones_to_one
 
 @needs_kernel
 def test_kernel_is_built_once_into_the_cache(fresh_build):
-    assert rowkernel.available()
-    built = list(fresh_build.glob("rowkernel-*.so"))
+    assert kernels.available()
+    built = list(fresh_build.glob("kernels-*.so"))
     assert len(built) == 1 and not list(fresh_build.glob(".*tmp"))
     stamp = built[0].stat().st_mtime_ns
-    rowkernel._library.cache_clear()
-    assert rowkernel.available() and built[0].stat().st_mtime_ns == stamp
+    kernels._library.cache_clear()
+    assert kernels.available() and built[0].stat().st_mtime_ns == stamp
 
 
 @pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN")
 def test_without_a_compiler_onednn_serves_after_one_warning(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     if cpu.has("avx512_bf16"):
-        with pytest.warns(UserWarning, match="bf16 row kernel not built.*false failed"):
-            assert not rowkernel.available()
-    assert not rowkernel.available() and not list(fresh_build.glob("*"))
+        with pytest.warns(UserWarning, match="bf16 CPU kernels not built.*false failed"):
+            assert not kernels.available()
+    assert not kernels.available() and not list(fresh_build.glob("*"))
     net = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
     assert pack_linears(net) == 1 and isinstance(net[0], PackedLinear)
 
 
 def test_switched_off_by_the_environment(fresh_build, monkeypatch):
-    monkeypatch.setenv("COGVLM_ROW_KERNEL", "0")
-    assert not rowkernel.available() and rowkernel.max_rows() == 0
+    monkeypatch.setenv("COGVLM_CPU_KERNELS", "0")
+    assert not kernels.available() and kernels.max_rows() == 0
     assert not fresh_build.exists()
+
+
+def _cache_views(b, h, length, head_dim, used):
+    """Keys by row and values by column as a bf16 CPU cache holds them, `used` of `length`
+    positions filled and NaN past them (the kernel must not read there)."""
+    keys = torch.full((b, h, length, head_dim), float("nan"), dtype=torch.bfloat16)
+    values = torch.full((b, h, head_dim, length), float("nan"), dtype=torch.bfloat16)
+    keys[:, :, :used] = torch.randn(b, h, used, head_dim).to(torch.bfloat16)
+    values[:, :, :, :used] = torch.randn(b, h, head_dim, used).to(torch.bfloat16)
+    return keys[:, :, :used], values[:, :, :, :used].transpose(-1, -2)  # (B, H, S, D) both
+
+
+@needs_kernel
+@pytest.mark.parametrize(("b", "h", "used", "head_dim"), [(1, 8, 1300, 128), (3, 2, 37, 32), (2, 4, 5, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_equals_attend_one(b, h, used, head_dim, masked):
+    torch.manual_seed(used)
+    keys, values = _cache_views(b, h, used + 11, head_dim, used)
+    q = torch.randn(b, h, 1, head_dim).to(torch.bfloat16)
+    mask = torch.rand(b, 1, 1, used) > 0.3 if masked else None
+    assert kernels.attends(q, keys, values)
+    got = kernels.attend(q, keys, values, mask)
+    assert got.shape == (b, h, 1, head_dim) and not got.isnan().any()
+    torch.testing.assert_close(got, attend_one(q, keys, values, mask), rtol=2e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_attend_takes_only_the_layout_it_reads():
+    keys, values = _cache_views(1, 4, 20, 32, 10)
+    q = torch.randn(1, 4, 1, 32).to(torch.bfloat16)
+    assert kernels.attends(q, keys, values)
+    assert not kernels.attends(q, keys, values.contiguous())  # values by row
+    assert not kernels.attends(q, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values)  # keys by column
+    assert not kernels.attends(torch.randn(1, 8, 1, 32).to(torch.bfloat16), keys, values)  # grouped heads
+    assert not kernels.attends(q.float(), keys.float(), values.float())
+    assert not kernels.attends(torch.randn(1, 4, 2, 32).to(torch.bfloat16), keys, values)  # two queries

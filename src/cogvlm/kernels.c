@@ -1,5 +1,5 @@
 /* bf16 products of a few rows with a weight, for decoding on CPUs with AVX512-BF16 and AMX
- * (cogvlm/loading/rowkernel.py builds and calls this; see it for why).
+ * (cogvlm/kernels.py builds and calls this; see it for why).
  *
  * The weight is stored packed as (O/16, K/2, 16, 2): one 64-byte chunk holds two adjacent inputs
  * (k, k+1) of 16 consecutive outputs. With `vdpbf16ps` and the pair of x broadcast, a chunk adds
@@ -8,7 +8,10 @@
  * chunks are one tile of 16 input pairs x 16 outputs. Both need K % 32 == 0 and O % 16 == 0.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 typedef void (*kernel_fn)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long,
                           long);
@@ -129,4 +132,120 @@ void cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const ui
       _tile_release();
     }
   }
+}
+
+/* exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e) as 2^n times a degree-6
+ * polynomial for 2^f, f in [-0.5, 0.5]; relative error under 1e-6, 0 below -87. */
+static inline __m512 exp_nonpositive(__m512 x) {
+  __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f)); /* f ln 2 */
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512bh load_bh(const uint16_t *p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+
+/* Dot product of two bf16 vectors of length n (any n), fp32 sums. */
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, long n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  long i = 0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, load_bh(a + i, -1), load_bh(b + i, -1));
+    acc1 = _mm512_dpbf16_ps(acc1, load_bh(a + i + 32, -1), load_bh(b + i + 32, -1));
+  }
+  for (; i < n; i += 32) {
+    __mmask32 m = n - i >= 32 ? (__mmask32)-1 : (((__mmask32)1 << (n - i)) - 1);
+    acc0 = _mm512_dpbf16_ps(acc0, load_bh(a + i, m), load_bh(b + i, m));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* Dot products of a with four vectors at once (four memory streams in flight), length n. */
+static inline void dot4_bf16(const uint16_t *a, const uint16_t *b0, const uint16_t *b1, const uint16_t *b2,
+                             const uint16_t *b3, long n, float *out) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps(), c3 = _mm512_setzero_ps();
+  for (long i = 0; i < n; i += 32) {
+    __mmask32 m = n - i >= 32 ? (__mmask32)-1 : (((__mmask32)1 << (n - i)) - 1);
+    __m512bh x = load_bh(a + i, m);
+    c0 = _mm512_dpbf16_ps(c0, x, load_bh(b0 + i, m));
+    c1 = _mm512_dpbf16_ps(c1, x, load_bh(b1 + i, m));
+    c2 = _mm512_dpbf16_ps(c2, x, load_bh(b2 + i, m));
+    c3 = _mm512_dpbf16_ps(c3, x, load_bh(b3 + i, m));
+  }
+  out[0] = _mm512_reduce_add_ps(c0), out[1] = _mm512_reduce_add_ps(c1);
+  out[2] = _mm512_reduce_add_ps(c2), out[3] = _mm512_reduce_add_ps(c3);
+}
+
+/* One query per (row, head) of a decode step: out (B, H, D) = softmax(q . K^T * scale, masked) . V.
+ * q and out (B, H, D) contiguous; key s of (b, h) at k + b*ksb + h*ksh + s*D (keys by row); value
+ * dimension d at v + b*vsb + h*vsh + d*vsd + s (values by column); mask NULL or (B, S) bytes with
+ * row stride msb, nonzero where a key is attended. Softmax in fp32; the probabilities are rounded
+ * to bf16 before the values, as `attend_one` does. Returns nonzero if memory ran out. */
+int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh, const uint16_t *v, long vsb,
+                       long vsh, long vsd, const uint8_t *mask, long msb, uint16_t *out, long B, long H, long S,
+                       long D, float scale) {
+  int failed = 0;
+#pragma omp parallel
+  {
+    float *scores = malloc(sizeof(float) * S);
+    uint16_t *probs = malloc(sizeof(uint16_t) * (S + 16));
+    if (!scores || !probs) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (long b = 0; b < B; b++)
+      for (long h = 0; h < H; h++) {
+        if (!scores || !probs) continue;
+        const uint16_t *qh = q + (b * H + h) * D, *kh = k + b * ksb + h * ksh, *vh = v + b * vsb + h * vsh;
+        const uint8_t *mb = mask ? mask + b * msb : 0;
+        const long quarter = S / 4; /* keys read as four streams, a quarter of the cache each */
+        for (long s = 0; s < quarter; s++) {
+          float four[4];
+          dot4_bf16(qh, kh + s * D, kh + (s + quarter) * D, kh + (s + 2 * quarter) * D, kh + (s + 3 * quarter) * D, D,
+                    four);
+          for (int i = 0; i < 4; i++) scores[s + i * quarter] = four[i];
+        }
+        for (long s = 4 * quarter; s < S; s++) scores[s] = dot_bf16(qh, kh + s * D, D);
+        float top = -INFINITY;
+        for (long s = 0; s < S; s++) {
+          scores[s] = mb && !mb[s] ? -INFINITY : scores[s] * scale;
+          top = scores[s] > top ? scores[s] : top;
+        }
+        __m512 total = _mm512_setzero_ps();
+        for (long s = 0; s < S; s += 16) {
+          __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
+          __m512 x = _mm512_maskz_loadu_ps(m, scores + s);
+          m &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ); /* masked keys: exactly 0 */
+          __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
+          _mm512_mask_storeu_ps(scores + s, S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1), e);
+          total = _mm512_add_ps(total, e);
+        }
+        const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (long s = 0; s < S; s += 16) {
+          __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
+          __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scores + s), norm);
+          _mm256_mask_storeu_epi16(probs + s, m, (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        uint16_t *oh = out + (b * H + h) * D;
+        for (long d = 0; d < D; d += 16) {
+          float c[16];
+          for (int i = 0; i < 16; i += 4) {
+            const uint16_t *row = vh + (d + i) * vsd;
+            dot4_bf16(probs, row, row + vsd, row + 2 * vsd, row + 3 * vsd, S, c + i);
+          }
+          _mm256_storeu_si256((__m256i *)(oh + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c)));
+        }
+      }
+    free(scores);
+    free(probs);
+  }
+  return failed;
 }
