@@ -1,5 +1,6 @@
-/* bf16 products of a few rows with a weight, for decoding on CPUs with AVX512-BF16 and AMX
- * (cogvlm/kernels.py builds and calls this; see it for why).
+/* bf16 kernels for decoding on CPUs with AVX512-BF16 (and AMX): products of a few rows with a
+ * weight, and one query's attention over the cache (cogvlm/kernels.py builds and calls them; see it
+ * for why).
  *
  * The weight is stored packed as (O/16, K/2, 16, 2): one 64-byte chunk holds two adjacent inputs
  * (k, k+1) of 16 consecutive outputs. With `vdpbf16ps` and the pair of x broadcast, a chunk adds
@@ -44,11 +45,11 @@ typedef void (*kernel_fn)(const uint16_t *, long, const uint16_t *, const uint16
     }                                                                                                          \
   }
 
-#define KERNELS(M) KERNEL(M, 1) KERNEL(M, 2) KERNEL(M, 4)
-KERNELS(1) KERNELS(2) KERNELS(3) KERNELS(4) KERNELS(5) KERNELS(6) KERNELS(7) KERNELS(8)
+#define KERNELS(M) KERNEL(M, 1) KERNEL(M, 2)
+KERNELS(1) KERNELS(2) KERNELS(3) KERNELS(4) KERNELS(5) KERNELS(6) KERNELS(7) KERNELS(8) KERNEL(1, 4)
 
-#define ROW(M) {kernel_##M##_1, kernel_##M##_2, kernel_##M##_4}
-static const kernel_fn KERNELS_BY_ROWS[8][3] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6), ROW(7), ROW(8)};
+#define ROW(M) {kernel_##M##_1, kernel_##M##_2}
+static const kernel_fn KERNELS_BY_ROWS[8][2] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6), ROW(7), ROW(8)};
 
 /* y (M, O) = x (M, K) . W^T (+ bias (O)), W packed as above, fp32 sums; any M, 8 rows at a time */
 void cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
@@ -56,12 +57,12 @@ void cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16
   const long blocks = O / 16;
   for (long m0 = 0; m0 < M; m0 += 8) {
     const long rows = M - m0 < 8 ? M - m0 : 8;
-    const int wide = rows == 1 ? 2 : 1; /* one row: 4 blocks side by side; more rows: 2 */
-    const long step = 1L << wide;
+    const long step = rows == 1 ? 4 : 2; /* blocks side by side: 4 for one row, 2 for more */
+    const kernel_fn wide = rows == 1 ? kernel_1_4 : KERNELS_BY_ROWS[rows - 1][1];
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < blocks; b += step) {
       if (blocks - b >= step)
-        KERNELS_BY_ROWS[rows - 1][wide](x + m0 * K, K, w, bias, y + m0 * O, O, K, b);
+        wide(x + m0 * K, K, w, bias, y + m0 * O, O, K, b);
       else
         for (long t = b; t < blocks; t++) KERNELS_BY_ROWS[rows - 1][0](x + m0 * K, K, w, bias, y + m0 * O, O, K, t);
     }
@@ -106,7 +107,7 @@ void cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const ui
 #pragma omp for schedule(static)
       for (long b = 0; b < blocks; b += 2) {
         const int pair = blocks - b >= 2;
-        const uint16_t *w0 = w + b * 16 * K, *w1 = w0 + 16 * K * pair;
+        const uint16_t *w0 = w + b * 16 * K, *w1 = w0 + 16 * K * pair; /* a last lone block: w1 = w0, unstored */
         _tile_zero(0); _tile_zero(1);
         if (low) { _tile_zero(2); _tile_zero(3); }
         for (long k = 0; k < K; k += 32) {
@@ -135,7 +136,7 @@ void cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const ui
 }
 
 /* exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e) as 2^n times a degree-6
- * polynomial for 2^f, f in [-0.5, 0.5]; relative error under 1e-6, 0 below -87. */
+ * Taylor polynomial for e^(f ln 2), f in [-0.5, 0.5] (relative error about 1e-7); x clamped at -87. */
 static inline __m512 exp_nonpositive(__m512 x) {
   __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import subprocess
 import warnings
 from pathlib import Path
@@ -40,8 +41,8 @@ def cache_folder() -> Path:
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL, bool] | None:
-    """The built kernel (built now if not cached) and whether AMX serves; None (with one warning)
-    where it cannot be built."""
+    """The built kernels (built now if not cached) and whether AMX serves; None (with one warning)
+    where they cannot be built."""
     if os.environ.get("COGVLM_CPU_KERNELS", "1") == "0" or not cpu.has("avx512_bf16"):
         return None
     source = SOURCE.read_bytes()
@@ -67,7 +68,8 @@ def _library() -> tuple[ctypes.CDLL, bool] | None:
 
 
 def _compile(compiler: str, out: str) -> None:
-    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", out], capture_output=True, text=True, timeout=300)
+    command = [*shlex.split(compiler), *FLAGS, str(SOURCE), "-o", out]  # $CC may carry options
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise subprocess.SubprocessError(f"{compiler} failed: {last}")
