@@ -13,12 +13,12 @@ from torch import nn
 
 from cogvlm import cpu, kernels
 from cogvlm.config import get_preset
-from cogvlm.loading.packing import PackedLinear, RowLinear, can_pack, pack_linears
+from cogvlm.loading.packing import PackedLinear, RowLinear, can_pack, onednn_takes, pack_linears
 from cogvlm.model.cogvlm import CogVLMForCausalLM
 from cogvlm.model.decoder import attend_one
 
 needs_kernel = pytest.mark.skipif(
-    not kernels.available(), reason="no AVX512-BF16 CPU or no C compiler: our kernels do not run here"
+    not kernels.available(), reason="no AVX512-BF16 or AVX2 CPU, or no C compiler: our kernels do not run here"
 )
 
 
@@ -54,10 +54,10 @@ def test_fits_only_bf16_weights_of_whole_blocks():
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 300])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 300, 600])
 def test_row_linear_equals_linear(rows, bias):
-    """Every row count: the one-row kernel, AMX (or the dot kernel) in 8s and 32s with their tails,
-    and oneDNN on the unpacked weight past `max_rows`."""
+    """Every row count: the one-row kernel, AMX (or the dot kernel; on AVX2, 4 rows at a time) with
+    their tails, and oneDNN (on AVX2 fp32 sums) on the unpacked weight past `max_rows`."""
     torch.manual_seed(rows)
     linear = nn.Linear(96, 80, bias=bias).to(torch.bfloat16)
     x = torch.randn(3, rows, 96, dtype=torch.bfloat16)[1:2]  # a view, not contiguous in its batch
@@ -66,12 +66,30 @@ def test_row_linear_equals_linear(rows, bias):
     torch.testing.assert_close(got, _bf16_product(x, linear), rtol=1e-2, atol=1e-2)
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def build(request, tmp_path_factory):
+    """The kernels built for this CPU, and built for AVX2 alone (which an AVX-512 CPU runs too),
+    each once for the module, into one fresh cache folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "kernel-builds"))
+        if request.param == "avx2":
+            if not cpu.has("avx2_fma"):
+                pytest.skip("no AVX2 on this CPU")
+            patch.setattr(kernels, "_isa", lambda: "avx2")
+        kernels._library.cache_clear()
+        built = kernels._library()
+        kernels._library.cache_clear()
+    if built is None:
+        pytest.skip("our kernels do not run here")
+    return built
+
+
 @needs_kernel
 @pytest.mark.parametrize("kernel", ["cogvlm_rows_bf16", "cogvlm_rows_bf16_amx"])
 @pytest.mark.parametrize("rows", [1, 5, 8, 17, 40])
-def test_both_kernels_equal_the_product(kernel, rows):
-    lib, amx = kernels._library()
-    if kernel.endswith("amx") and not amx:
+def test_each_kernel_equals_the_product(build, kernel, rows):
+    lib, isa = build
+    if kernel.endswith("amx") and isa != "amx":
         pytest.skip("no AMX on this CPU")
     torch.manual_seed(0)
     linear = nn.Linear(1024, 49 * 16, bias=True).to(torch.bfloat16)  # 49 blocks: every kernel's tail runs
@@ -80,8 +98,31 @@ def test_both_kernels_equal_the_product(kernel, rows):
     torch.testing.assert_close(got, _bf16_product(x, linear), rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("kernel", ["cogvlm_rows_bf16", "cogvlm_rows_bf16_amx"])
+def test_sums_round_to_nearest_even_as_torch_does(build, kernel):
+    """Exact sums that fall halfway between bf16 numbers (and a NaN): rounded as PyTorch rounds
+    fp32 to bf16, ties to even, NaN kept."""
+    lib, isa = build
+    if kernel.endswith("amx") and isa != "amx":
+        pytest.skip("no AMX on this CPU")
+    steps = torch.arange(32, dtype=torch.float32)
+    weight = torch.zeros(32, 64)
+    weight[:, 0] = 1 + steps * 2**-7  # 1 + j ulps of bf16 at 1
+    weight[5, 0] = float("nan")
+    bias = torch.full((32,), 2**-8).to(torch.bfloat16)  # half an ulp: every sum is a tie
+    x = torch.zeros(3, 64)
+    x[:, 0] = 1
+    weight, x = weight.to(torch.bfloat16), x.to(torch.bfloat16)
+    got = kernels._product(getattr(lib, kernel), x, kernels.pack(weight), bias)
+    expected = (x.float() @ weight.float().T + bias.float()).to(torch.bfloat16)
+    assert got[0, 5].isnan() and torch.equal(got.nan_to_num(), expected.nan_to_num())
+    assert got[0, 0] == 1 and got[0, 1] == 1 + 2 * 2**-7  # ties went to the even neighbour
+
+
 @needs_kernel
 def test_pack_linears_gives_decoding_weights_to_the_kernel_and_image_ones_to_onednn():
+    """Image-only weights (the vision tower, the visual experts) go to oneDNN where it has bf16
+    kernels for their long prompts, to ours where it has none (an AVX2-only CPU)."""
     torch.manual_seed(0)
     config = dataclasses.replace(get_preset("tiny"), vocab_size=640)  # whole blocks of 16: lm_head fits too
     net = CogVLMForCausalLM(config).init_weights().to(torch.bfloat16).eval()
@@ -94,9 +135,10 @@ def test_pack_linears_gives_decoding_weights_to_the_kernel_and_image_ones_to_one
     assert kinds["lm_head"] is RowLinear
     assert kinds["model.layers.0.self_attn.language_expert_query_key_value"] is RowLinear
     assert kinds["model.layers.1.mlp.language_mlp.down_proj"] is RowLinear
-    assert kinds["model.layers.0.self_attn.vision_expert_query_key_value"] is PackedLinear
-    assert kinds["model.layers.0.mlp.vision_mlp.gate_proj"] is PackedLinear
-    assert all(t is PackedLinear for name, t in kinds.items() if name.startswith("model.vision."))
+    image_only = PackedLinear if onednn_takes(torch.bfloat16) else RowLinear
+    assert kinds["model.layers.0.self_attn.vision_expert_query_key_value"] is image_only
+    assert kinds["model.layers.0.mlp.vision_mlp.gate_proj"] is image_only
+    assert all(t is image_only for name, t in kinds.items() if name.startswith("model.vision."))
     assert (packed - plain).abs().max() < 0.05 * plain.abs().max()
 
 
@@ -113,12 +155,15 @@ def test_kernel_is_built_once_into_the_cache(fresh_build):
 @pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN")
 def test_without_a_compiler_onednn_serves_after_one_warning(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
-    if cpu.has("avx512_bf16"):
+    if kernels._isa() is not None:
         with pytest.warns(UserWarning, match="bf16 CPU kernels not built.*false failed"):
             assert not kernels.available()
     assert not kernels.available() and not list(fresh_build.glob("*"))
     net = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
-    assert pack_linears(net) == 1 and isinstance(net[0], PackedLinear)
+    if onednn_takes(torch.bfloat16):
+        assert pack_linears(net) == 1 and isinstance(net[0], PackedLinear)
+    else:  # an AVX2-only CPU: PyTorch's plain bf16 kernels serve
+        assert pack_linears(net) == 0 and type(net[0]) is nn.Linear
 
 
 def test_switched_off_by_the_environment(fresh_build, monkeypatch):
@@ -137,10 +182,16 @@ def _cache_views(b, h, length, head_dim, used):
     return keys[:, :, :used], values[:, :, :, :used].transpose(-1, -2)  # (B, H, S, D) both
 
 
-@needs_kernel
+@pytest.fixture
+def built(build, monkeypatch):
+    """`kernels` answering from each of `build`'s builds."""
+    monkeypatch.setattr(kernels, "_library", lambda: build)
+    return build
+
+
 @pytest.mark.parametrize(("b", "h", "used", "head_dim"), [(1, 8, 1300, 128), (3, 2, 37, 32), (2, 4, 5, 16)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attend_equals_attend_one(b, h, used, head_dim, masked):
+def test_attend_equals_attend_one(built, b, h, used, head_dim, masked):
     torch.manual_seed(used)
     keys, values = _cache_views(b, h, used + 11, head_dim, used)
     q = torch.randn(b, h, 1, head_dim).to(torch.bfloat16)
@@ -151,8 +202,19 @@ def test_attend_equals_attend_one(b, h, used, head_dim, masked):
     torch.testing.assert_close(got, attend_one(q, keys, values, mask), rtol=2e-2, atol=1e-2)
 
 
-@needs_kernel
-def test_attend_takes_only_the_layout_it_reads():
+def test_masked_keys_weigh_exactly_nothing(built):
+    """A masked key's probability is 0, not exp(-87): its value, however large, adds nothing."""
+    keys, values = _cache_views(1, 2, 40, 32, 40)
+    values[:, :, 7] = 1e38
+    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., 7] = False
+    q = torch.randn(1, 2, 1, 32).to(torch.bfloat16)
+    got = kernels.attend(q, keys, values, mask)
+    assert got.abs().max() < 10
+    torch.testing.assert_close(got, attend_one(q, keys, values, mask), rtol=2e-2, atol=1e-2)
+
+
+def test_attend_takes_only_the_layout_it_reads(built):
     keys, values = _cache_views(1, 4, 20, 32, 10)
     q = torch.randn(1, 4, 1, 32).to(torch.bfloat16)
     assert kernels.attends(q, keys, values)

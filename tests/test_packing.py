@@ -9,12 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import cogvlm
-from cogvlm.loading.packing import PackedLinear, can_pack, pack_linears
+from cogvlm.loading.packing import PackedLinear, can_pack, onednn_takes, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN")
+ONEDNN_BF16 = pytest.mark.skipif(not onednn_takes(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        pytest.param(torch.bfloat16, marks=ONEDNN_BF16),
+    ],
+)
 @pytest.mark.parametrize("rows", [1, 8, 300])
 def test_packed_linear_equals_linear(dtype, rows):
     torch.manual_seed(0)
@@ -34,6 +41,19 @@ def test_load_packs_every_linear_on_the_cpu_and_answers_as_plain_layers(referenc
     image = reference_dir / "images" / "img0.png"
     for query in ("Describe the image.", "What is in it?"):
         assert packed.chat(query, image, max_new_tokens=12) == plain.chat(query, image, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("onednn_bf16", [pytest.param(True, marks=ONEDNN_BF16), False])
+def test_bf16_layers_stay_plain_where_onednn_has_no_bf16(monkeypatch, onednn_bf16):
+    """An AVX2-only CPU: oneDNN refuses to pack bf16, so those layers keep PyTorch's kernels (fp32
+    ones are still packed), and a bf16 model loads and answers instead of failing in the reorder."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    net = nn.Sequential(nn.Linear(24, 10).to(torch.bfloat16), nn.Linear(10, 8))  # shapes our kernel skips
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    expected = net[1](net[0](x).float())
+    assert pack_linears(net) == (2 if onednn_bf16 else 1)
+    assert isinstance(net[0], PackedLinear) is onednn_bf16 and isinstance(net[1], PackedLinear)
+    torch.testing.assert_close(net[1](net[0](x).float()), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_quantised_and_mapped_models_are_not_packed(reference_dir):

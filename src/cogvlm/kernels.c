@@ -1,19 +1,23 @@
-/* bf16 kernels for decoding on CPUs with AVX512-BF16 (and AMX): products of a few rows with a
- * weight, and one query's attention over the cache (cogvlm/kernels.py builds and calls them; see it
- * for why).
+/* bf16 kernels for decoding on the CPU: products of a few rows with a weight, and one query's
+ * attention over the cache (cogvlm/kernels.py builds and calls them; see it for why). Built for
+ * AVX512-BF16 (and AMX), or, where the CPU has only AVX2 and FMA, the row products alone.
  *
  * The weight is stored packed as (O/16, K/2, 16, 2): one 64-byte chunk holds two adjacent inputs
  * (k, k+1) of 16 consecutive outputs. With `vdpbf16ps` and the pair of x broadcast, a chunk adds
  * into 16 output sums at once, no horizontal reduction needed; NB blocks of 16 outputs are read side
  * by side to keep several streams and accumulators in flight. With AMX, a block's 16 consecutive
- * chunks are one tile of 16 input pairs x 16 outputs. Both need K % 32 == 0 and O % 16 == 0.
+ * chunks are one tile of 16 input pairs x 16 outputs. With AVX2, each 32-bit lane of a chunk holds
+ * input k of an output in its low half and k+1 in its high half: a shift and a mask make them fp32.
+ * All need K % 32 == 0 and O % 16 == 0.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
+#if defined(__AVX512BF16__)
 typedef void (*kernel_fn)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long,
                           long);
 
@@ -51,9 +55,10 @@ KERNELS(1) KERNELS(2) KERNELS(3) KERNELS(4) KERNELS(5) KERNELS(6) KERNELS(7) KER
 #define ROW(M) {kernel_##M##_1, kernel_##M##_2}
 static const kernel_fn KERNELS_BY_ROWS[8][2] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6), ROW(7), ROW(8)};
 
-/* y (M, O) = x (M, K) . W^T (+ bias (O)), W packed as above, fp32 sums; any M, 8 rows at a time */
-void cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
-                      long K) {
+/* y (M, O) = x (M, K) . W^T (+ bias (O)), W packed as above, fp32 sums; any M, 8 rows at a time;
+ * returns 0 (as every row function does where it cannot fail) */
+int cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
+                     long K) {
   const long blocks = O / 16;
   for (long m0 = 0; m0 < M; m0 += 8) {
     const long rows = M - m0 < 8 ? M - m0 : 8;
@@ -67,6 +72,7 @@ void cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16
         for (long t = b; t < blocks; t++) KERNELS_BY_ROWS[rows - 1][0](x + m0 * K, K, w, bias, y + m0 * O, O, K, t);
     }
   }
+  return 0;
 }
 
 /* The same product with AMX (`tdpbf16ps`: a tile of up to 16 rows of x, 32 inputs each, times a tile
@@ -85,8 +91,8 @@ static void amx_store(int tile_rows, const float *sums, const uint16_t *bias, ui
     _mm256_storeu_si256((__m256i *)(y + r * O), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(sums + 16 * r), add)));
 }
 
-void cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
-                          long K) {
+int cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
+                         long K) {
   const long blocks = O / 16;
   for (long m0 = 0; m0 < M; m0 += 32) {
     const int top = M - m0 < 16 ? (int)(M - m0) : 16;
@@ -133,6 +139,7 @@ void cogvlm_rows_bf16_amx(const uint16_t *x, long M, const uint16_t *w, const ui
       _tile_release();
     }
   }
+  return 0;
 }
 
 /* exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e) as 2^n times a degree-6
@@ -184,6 +191,210 @@ static inline void dot4_bf16(const uint16_t *a, const uint16_t *b0, const uint16
   out[2] = _mm512_reduce_add_ps(c2), out[3] = _mm512_reduce_add_ps(c3);
 }
 
+/* scores[0..S) (-inf where masked) -> probabilities rounded to bf16 in probs: exp(score - top)
+ * over their sum, in fp32; masked keys get exactly 0 */
+static void softmax_bf16(float *scores, uint16_t *probs, long S, float top) {
+  __m512 total = _mm512_setzero_ps();
+  for (long s = 0; s < S; s += 16) {
+    __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(m, scores + s);
+    m &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ); /* masked keys: exactly 0 */
+    __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
+    _mm512_mask_storeu_ps(scores + s, S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1), e);
+    total = _mm512_add_ps(total, e);
+  }
+  const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (long s = 0; s < S; s += 16) {
+    __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
+    __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scores + s), norm);
+    _mm256_mask_storeu_epi16(probs + s, m, (__m256i)_mm512_cvtneps_pbh(p));
+  }
+}
+
+/* 16 fp32 -> 16 bf16 at y */
+static inline void store16f(const float *c, uint16_t *y) {
+  _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c)));
+}
+
+#else /* AVX2 and FMA: fp32 arithmetic on the widened bf16 */
+
+/* 8 fp32 -> 8 bf16 in the low halves of the lanes, rounded to nearest even. A NaN made from bf16
+ * operands has its low 16 bits zero, so the increment cannot carry out of its mantissa: it stays NaN. */
+static inline __m256i round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+}
+
+/* 16 sums (two halves of 8) plus bias -> 16 bf16 at y */
+static inline void store16(__m256 lo, __m256 hi, const uint16_t *bias, uint16_t *y) {
+  if (bias) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)bias);
+    lo = _mm256_add_ps(lo, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16)));
+    hi = _mm256_add_ps(hi, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16)));
+  }
+  const __m256i packed = _mm256_packus_epi32(round_bf16(lo), round_bf16(hi)); /* per 128-bit lane: lo 4, hi 4 */
+  _mm256_storeu_si256((__m256i *)y, _mm256_permute4x64_epi64(packed, 0xd8));
+}
+
+/* M rows (fp32, row stride K) times NB blocks of 16 outputs from block b: per chunk, its two
+ * halves widened to the k and k+1 weights of 8 outputs each, four FMAs a row */
+#define KERNEL(M, NB)                                                                                          \
+  static void kernel_##M##_##NB(const float *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,  \
+                                long K, long b) {                                                              \
+    __m256 lo[NB][M], hi[NB][M];                                                                               \
+    for (int j = 0; j < NB; j++)                                                                               \
+      for (int m = 0; m < M; m++) lo[j][m] = hi[j][m] = _mm256_setzero_ps();                                   \
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);                                                   \
+    const uint16_t *block = w + b * 16 * K;                                                                    \
+    for (long pair = 0; pair < K / 2; pair++)                                                                  \
+      for (int j = 0; j < NB; j++) {                                                                           \
+        const uint16_t *chunk = block + j * 16 * K + pair * 32;                                                \
+        _mm_prefetch((const char *)(chunk + 1024), _MM_HINT_T0);                                               \
+        const __m256i a = _mm256_loadu_si256((const __m256i *)chunk), c = _mm256_loadu_si256((const __m256i *)(chunk + 16)); \
+        const __m256 a0 = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), a1 = _mm256_castsi256_ps(_mm256_and_si256(a, high)); \
+        const __m256 c0 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 16)), c1 = _mm256_castsi256_ps(_mm256_and_si256(c, high)); \
+        for (int m = 0; m < M; m++) {                                                                          \
+          const __m256 x0 = _mm256_broadcast_ss(x + m * K + 2 * pair), x1 = _mm256_broadcast_ss(x + m * K + 2 * pair + 1); \
+          lo[j][m] = _mm256_fmadd_ps(a1, x1, _mm256_fmadd_ps(a0, x0, lo[j][m]));                                \
+          hi[j][m] = _mm256_fmadd_ps(c1, x1, _mm256_fmadd_ps(c0, x0, hi[j][m]));                                \
+        }                                                                                                      \
+      }                                                                                                        \
+    for (int j = 0; j < NB; j++)                                                                               \
+      for (int m = 0; m < M; m++) store16(lo[j][m], hi[j][m], bias ? bias + (b + j) * 16 : 0, y + m * O + (b + j) * 16); \
+  }
+
+KERNEL(1, 1) KERNEL(2, 1) KERNEL(3, 1) KERNEL(4, 1) KERNEL(1, 4)
+typedef void (*kernel_fn)(const float *, const uint16_t *, const uint16_t *, uint16_t *, long, long, long);
+static const kernel_fn KERNELS_BY_ROWS[4] = {kernel_1_1, kernel_2_1, kernel_3_1, kernel_4_1};
+
+/* y (M, O) = x (M, K) . W^T (+ bias (O)), W packed as above, fp32 sums; any M. One row reads 4
+ * blocks side by side; more rows go 4 at a time over each block (the block's weight, 16 K values,
+ * comes from the cache after the first 4). Returns nonzero if memory ran out. */
+int cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16_t *bias, uint16_t *y, long O,
+                     long K) {
+  float *wide = malloc(sizeof(float) * M * K);
+  if (!wide) return 1;
+  for (long i = 0; i < M * K; i++) {
+    const uint32_t bits = (uint32_t)x[i] << 16;
+    memcpy(wide + i, &bits, 4);
+  }
+  const long blocks = O / 16;
+  const long step = M == 1 ? 4 : 1;
+#pragma omp parallel for schedule(static)
+  for (long b = 0; b < blocks; b += step) {
+    if (M == 1 && blocks - b >= 4)
+      kernel_1_4(wide, w, bias, y, O, K, b);
+    else
+      for (long t = b; t < b + step && t < blocks; t++)
+        for (long m0 = 0; m0 < M; m0 += 4) {
+          const long rows = M - m0 < 4 ? M - m0 : 4;
+          KERNELS_BY_ROWS[rows - 1](wide + m0 * K, w, bias, y + m0 * O, O, K, t);
+        }
+  }
+  free(wide);
+  return 0;
+}
+static inline __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 fp32 */
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float widen1(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* exp for x <= 0 as the AVX-512 one (2^n built in the exponent bits: n >= -126 after the clamp) */
+static inline __m256 exp_nonpositive(__m256 x) {
+  __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.44269504f));
+  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147181f)); /* f ln 2 */
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* Dot product of two bf16 vectors of length n (any n), fp32 sums. */
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, long n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  long i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(widen8(a + i), widen8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(widen8(a + i + 8), widen8(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(widen8(a + i), widen8(b + i), acc0);
+  float sum = hsum8(_mm256_add_ps(acc0, acc1));
+  for (; i < n; i++) sum += widen1(a[i]) * widen1(b[i]);
+  return sum;
+}
+
+/* Dot products of a with four vectors at once (four memory streams in flight), length n. */
+static inline void dot4_bf16(const uint16_t *a, const uint16_t *b0, const uint16_t *b1, const uint16_t *b2,
+                             const uint16_t *b3, long n, float *out) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+  long i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = widen8(a + i);
+    c0 = _mm256_fmadd_ps(x, widen8(b0 + i), c0);
+    c1 = _mm256_fmadd_ps(x, widen8(b1 + i), c1);
+    c2 = _mm256_fmadd_ps(x, widen8(b2 + i), c2);
+    c3 = _mm256_fmadd_ps(x, widen8(b3 + i), c3);
+  }
+  out[0] = hsum8(c0), out[1] = hsum8(c1), out[2] = hsum8(c2), out[3] = hsum8(c3);
+  for (; i < n; i++) {
+    const float x = widen1(a[i]);
+    out[0] += x * widen1(b0[i]), out[1] += x * widen1(b1[i]), out[2] += x * widen1(b2[i]), out[3] += x * widen1(b3[i]);
+  }
+}
+
+/* exp(score - top) of 8 scores, exactly 0 where masked (-inf) */
+static inline __m256 exp8(__m256 x, float top) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  return _mm256_and_ps(keep, exp_nonpositive(_mm256_sub_ps(x, _mm256_set1_ps(top))));
+}
+
+/* 8 probabilities -> 8 bf16 at y */
+static inline void store8(__m256 p, uint16_t *y) {
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(p), _mm256_setzero_si256()), 0xd8);
+  _mm_storeu_si128((__m128i *)y, _mm256_castsi256_si128(packed));
+}
+
+/* as the AVX-512 softmax_bf16; the last S % 8 scores go through a padded copy */
+static void softmax_bf16(float *scores, uint16_t *probs, long S, float top) {
+  const long whole = S / 8 * 8;
+  float tail[8];
+  for (int i = 0; i < 8; i++) tail[i] = whole + i < S ? scores[whole + i] : -INFINITY;
+  __m256 total = _mm256_setzero_ps(), last = exp8(_mm256_loadu_ps(tail), top);
+  for (long s = 0; s < whole; s += 8) {
+    const __m256 e = exp8(_mm256_loadu_ps(scores + s), top);
+    _mm256_storeu_ps(scores + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  const __m256 norm = _mm256_set1_ps(1.0f / hsum8(_mm256_add_ps(total, last)));
+  for (long s = 0; s < whole; s += 8) store8(_mm256_mul_ps(_mm256_loadu_ps(scores + s), norm), probs + s);
+  uint16_t rest[8];
+  store8(_mm256_mul_ps(last, norm), rest);
+  memcpy(probs + whole, rest, sizeof(uint16_t) * (S - whole));
+}
+
+/* 16 fp32 -> 16 bf16 at y */
+static inline void store16f(const float *c, uint16_t *y) { store16(_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8), 0, y); }
+#endif
+
 /* One query per (row, head) of a decode step: out (B, H, D) = softmax(q . K^T * scale, masked) . V.
  * q and out (B, H, D) contiguous; key s of (b, h) at k + b*ksb + h*ksh + s*D (keys by row); value
  * dimension d at v + b*vsb + h*vsh + d*vsd + s (values by column); mask NULL or (B, S) bytes with
@@ -220,21 +431,7 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
           scores[s] = mb && !mb[s] ? -INFINITY : scores[s] * scale;
           top = scores[s] > top ? scores[s] : top;
         }
-        __m512 total = _mm512_setzero_ps();
-        for (long s = 0; s < S; s += 16) {
-          __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
-          __m512 x = _mm512_maskz_loadu_ps(m, scores + s);
-          m &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ); /* masked keys: exactly 0 */
-          __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top))));
-          _mm512_mask_storeu_ps(scores + s, S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1), e);
-          total = _mm512_add_ps(total, e);
-        }
-        const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (long s = 0; s < S; s += 16) {
-          __mmask16 m = S - s >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (S - s)) - 1);
-          __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scores + s), norm);
-          _mm256_mask_storeu_epi16(probs + s, m, (__m256i)_mm512_cvtneps_pbh(p));
-        }
+        softmax_bf16(scores, probs, S, top);
         uint16_t *oh = out + (b * H + h) * D;
         for (long d = 0; d < D; d += 16) {
           float c[16];
@@ -242,7 +439,7 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
             const uint16_t *row = vh + (d + i) * vsd;
             dot4_bf16(probs, row, row + vsd, row + 2 * vsd, row + 3 * vsd, S, c + i);
           }
-          _mm256_storeu_si256((__m256i *)(oh + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c)));
+          store16f(c, oh + d);
         }
       }
     free(scores);
@@ -250,3 +447,4 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
   }
   return failed;
 }
+

@@ -4,10 +4,13 @@ On a 2-core AVX-512 / AMX Xeon, oneDNN's and PyTorch's bf16 one-row kernels read
 weight at 14-18 GB/s where MKL's fp32 `mv` reads 24-27 GB/s (benchmarks/RESULTS.md, issue 19),
 and a bf16 decode step is bound by those reads. `kernels.c` reads a weight in its own packed
 layout at 21-27 GB/s from 1 row (`vdpbf16ps`) to 32 rows (AMX, where the CPU has it), and a decode
-step's keys and values once each, in the order the CPU cache stores them. It is built with the
-system C compiler on first use, cached under `$XDG_CACHE_HOME/cogvlm/kernels` (written
-atomically) and loaded with ctypes; its OpenMP threads are PyTorch's own (the process has one
-libgomp). Where the CPU lacks AVX512-BF16, there is no compiler, or `COGVLM_CPU_KERNELS=0`,
+step's keys and values once each, in the order the CPU cache stores them. On a CPU with AVX2 and
+FMA but no AVX512-BF16 (where oneDNN has no bf16 at all and PyTorch's bf16 product costs one pass
+over the weight per row), the same kernels are built in fp32 arithmetic on the widened bf16.
+
+It is built with the system C compiler on first use, cached under `$XDG_CACHE_HOME/cogvlm/kernels`
+(written atomically) and loaded with ctypes; its OpenMP threads are PyTorch's own (the process has
+one libgomp). Where the CPU has neither, there is no compiler, or `COGVLM_CPU_KERNELS=0`,
 `available()` is False and callers keep PyTorch's kernels.
 """
 
@@ -29,10 +32,18 @@ from . import cpu
 from .fileio import atomic_write
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp")
-FLAGS += ("-shared", "-fPIC")
+ISA_FLAGS = {  # by the instruction set built for (`_isa`)
+    "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    "avx2": ("-mavx2", "-mfma"),
+}
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 BLOCK, DEPTH = 16, 32  # outputs per packed chunk; inputs per AMX tile row (K must be a multiple)
-MAX_ROWS = {True: 128, False: 32}  # by AMX: rows up to which the kernel beats unpacking for oneDNN
+MAX_ROWS = {"amx": 128, "avx512_bf16": 32, "avx2": 512}  # rows up to which the kernel beats the alternative
+
+
+def _isa() -> str | None:
+    """The instruction set our kernels are built for on this CPU, None where neither serves."""
+    return "avx512_bf16" if cpu.has("avx512_bf16") else "avx2" if cpu.has("avx2_fma") else None
 
 
 def cache_folder() -> Path:
@@ -40,35 +51,40 @@ def cache_folder() -> Path:
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL, bool] | None:
-    """The built kernels (built now if not cached) and whether AMX serves; None (with one warning)
-    where they cannot be built."""
-    if os.environ.get("COGVLM_CPU_KERNELS", "1") == "0" or not cpu.has("avx512_bf16"):
+def _library() -> tuple[ctypes.CDLL, str] | None:
+    """The built kernels (built now if not cached) and what serves: "amx", "avx512_bf16" or
+    "avx2"; None (with one warning where the build failed) where they do not run."""
+    isa = _isa()
+    if os.environ.get("COGVLM_CPU_KERNELS", "1") == "0" or isa is None:
         return None
     source = SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    flags = (*FLAGS, *ISA_FLAGS[isa])
+    digest = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     built = cache_folder() / f"kernels-{digest}.so"
     try:
         if not built.exists():
             built.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(built, lambda tmp: _compile(compiler, tmp))
+            atomic_write(built, lambda tmp: _compile(compiler, flags, tmp))
         lib = ctypes.CDLL(str(built))
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"bf16 CPU kernels not built ({err}); PyTorch's serve instead", stacklevel=3)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
-    for kernel in (lib.cogvlm_rows_bf16, lib.cogvlm_rows_bf16_amx):
+    row_kernels = (lib.cogvlm_rows_bf16, lib.cogvlm_rows_bf16_amx) if isa == "avx512_bf16" else (lib.cogvlm_rows_bf16,)
+    for kernel in row_kernels:
         kernel.argtypes = [pointer, size, pointer, pointer, pointer, size, size]
-        kernel.restype = None
+        kernel.restype = ctypes.c_int
     lib.cogvlm_attend_bf16.argtypes = [pointer, pointer, size, size, pointer, size, size, size, pointer, size]
     lib.cogvlm_attend_bf16.argtypes += [pointer, size, size, size, size, ctypes.c_float]
     lib.cogvlm_attend_bf16.restype = ctypes.c_int
-    return lib, cpu.has("amx_tile") and torch.cpu._init_amx()  # _init_amx: Linux's leave to use the tiles
+    # _init_amx: Linux's leave to use the tiles
+    amx = isa == "avx512_bf16" and cpu.has("amx_tile") and torch.cpu._init_amx()
+    return lib, "amx" if amx else isa
 
 
-def _compile(compiler: str, out: str) -> None:
-    command = [*shlex.split(compiler), *FLAGS, str(SOURCE), "-o", out]  # $CC may carry options
+def _compile(compiler: str, flags: tuple[str, ...], out: str) -> None:
+    command = [*shlex.split(compiler), *flags, str(SOURCE), "-o", out]  # $CC may carry options
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -87,8 +103,8 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 def max_rows() -> int:
-    """Rows up to which `rows` is faster than oneDNN on the weight unpacked (each call's unpacking
-    copies the weight: 1.7-2 ms for 6 MB)."""
+    """Rows up to which `rows` is faster than oneDNN (or, on AVX2, fp32) on the weight unpacked
+    (each call's unpacking copies the weight: 1.7-2 ms for 6 MB)."""
     built = _library()
     return 0 if built is None else MAX_ROWS[built[1]]
 
@@ -109,9 +125,9 @@ def rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> to
     """(..., K) bf16 rows times the packed (O, K) weight (+ bias), fp32 sums rounded to bf16 -> (..., O)."""
     built = _library()
     assert built is not None, "rows() called where available() is False"
-    lib, amx = built
+    lib, isa = built
     one_row = x.numel() == packed.shape[1] * 2
-    return _product(lib.cogvlm_rows_bf16_amx if amx and not one_row else lib.cogvlm_rows_bf16, x, packed, bias)
+    return _product(lib.cogvlm_rows_bf16_amx if isa == "amx" and not one_row else lib.cogvlm_rows_bf16, x, packed, bias)
 
 
 def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +135,7 @@ def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
     blocks, pairs = packed.shape[:2]
     flat = x.reshape(-1, pairs * 2).contiguous()  # (M, K)
     out = torch.empty(flat.shape[0], blocks * BLOCK, dtype=torch.bfloat16)  # (M, O)
-    kernel(
+    failed = kernel(
         flat.data_ptr(),
         flat.shape[0],
         packed.data_ptr(),
@@ -128,6 +144,8 @@ def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
         blocks * BLOCK,
         pairs * 2,
     )
+    if failed:
+        raise MemoryError(f"bf16 row product: no memory to widen {flat.shape[0]} rows")
     return out.view(*x.shape[:-1], blocks * BLOCK)
 
 

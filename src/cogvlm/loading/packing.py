@@ -11,6 +11,9 @@ float32 or bfloat16; training and the drop-in class keep plain layers.
 A bf16 weight that decoding reads (any but the vision tower's and the visual experts', which see
 only image positions) goes to our own kernel instead (`RowLinear`, `cogvlm/kernels.py`) where the CPU
 has AVX512-BF16 and the kernel builds: it reads a weight faster than oneDNN for a decode step's rows.
+On a CPU with AVX2 but no AVX512-BF16, oneDNN packs no bf16 and PyTorch's bf16 product reads the
+weight once per row (a 1,263-token prompt: 7x the fp32 time), so every bf16 weight that fits goes
+to our kernel, and beyond its rows to an fp32 product on the widened weight.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ class RowLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.numel() <= kernels.max_rows() * self.in_features:
             return kernels.rows(x, self.weight, self.bias)
-        return F.linear(x, kernels.unpack(self.weight), self.bias)
+        if onednn_takes(x.dtype):
+            return F.linear(x, kernels.unpack(self.weight), self.bias)
+        bias = None if self.bias is None else self.bias.float()  # no bf16 arithmetic on this CPU: fp32 sums
+        return F.linear(x.float(), kernels.unpack(self.weight).float(), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for cogvlm's row kernel"
@@ -68,19 +74,34 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU: bf16 needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, which an AVX2-only CPU lacks; there a bf16 layer stays plain."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` whose weight is a dense CPU tensor in float32 / bfloat16 by a
-    `RowLinear` (bf16 weights our kernel takes, where it runs, but the image-only ones) or a
-    `PackedLinear`, one at a time (the plain weight is freed as its packed copy is made); returns how
-    many were packed."""
+    `RowLinear` (bf16 weights our kernel takes, where it runs, but the image-only ones where oneDNN
+    has bf16) or a `PackedLinear` (where oneDNN takes the dtype), one at a time (the plain weight is
+    freed as its packed copy is made); returns how many were replaced."""
     if not can_pack():
         return 0
     count = 0
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and _plain_cpu(child.weight):
-                row = "vision" not in f"{path}.{name}" and kernels.fits(child.weight) and kernels.available()
-                setattr(module, name, RowLinear(child) if row else PackedLinear(child))
+                image_only = "vision" in f"{path}.{name}"  # where oneDNN has bf16, its prefill kernels serve these
+                if (
+                    kernels.fits(child.weight)
+                    and kernels.available()
+                    and not (image_only and onednn_takes(torch.bfloat16))
+                ):
+                    setattr(module, name, RowLinear(child))
+                elif onednn_takes(child.weight.dtype):
+                    setattr(module, name, PackedLinear(child))
+                else:
+                    continue
                 count += 1
     return count
 
