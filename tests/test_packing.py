@@ -3,13 +3,18 @@ only where they may be (the whole model on the CPU, unquantised)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import cogvlm
-from cogvlm.loading.packing import PackedLinear, can_pack, onednn_takes, pack_linears
+from cogvlm import cpu
+from cogvlm.config import get_preset
+from cogvlm.loading.packing import PackedLinear, WidenedConv2d, can_pack, onednn_takes, pack_linears
+from cogvlm.model.cogvlm import CogVLMForCausalLM
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN")
 ONEDNN_BF16 = pytest.mark.skipif(not onednn_takes(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
@@ -47,13 +52,36 @@ def test_load_packs_every_linear_on_the_cpu_and_answers_as_plain_layers(referenc
 def test_bf16_layers_stay_plain_where_onednn_has_no_bf16(monkeypatch, onednn_bf16):
     """An AVX2-only CPU: oneDNN refuses to pack bf16, so those layers keep PyTorch's kernels (fp32
     ones are still packed), and a bf16 model loads and answers instead of failing in the reorder."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    monkeypatch.setattr(cpu, "bf16_arithmetic", lambda: onednn_bf16)
     net = nn.Sequential(nn.Linear(24, 10).to(torch.bfloat16), nn.Linear(10, 8))  # shapes our kernel skips
     x = torch.randn(3, 24, dtype=torch.bfloat16)
     expected = net[1](net[0](x).float())
     assert pack_linears(net) == (2 if onednn_bf16 else 1)
     assert isinstance(net[0], PackedLinear) is onednn_bf16 and isinstance(net[1], PackedLinear)
     torch.testing.assert_close(net[1](net[0](x).float()), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bf16_arithmetic", [pytest.param(True, marks=ONEDNN_BF16), False])
+def test_bf16_convolutions_run_in_fp32_where_the_cpu_has_no_bf16_arithmetic(monkeypatch, bf16_arithmetic):
+    """CogVLM2's patch and stride-2 convolutions: widened to fp32 only on such a CPU, with the
+    same image tokens up to bf16 rounding; fp32 models keep theirs."""
+    monkeypatch.setattr(cpu, "bf16_arithmetic", lambda: bf16_arithmetic)
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), vision_conv=True)  # CogVLM2's stride-2 conv
+    net = CogVLMForCausalLM(config).init_weights().to(torch.bfloat16).eval()
+    pixels = torch.randn(1, 3, net.config.vision_config.image_size, net.config.vision_config.image_size)
+    with torch.no_grad():
+        plain = net.model.encode_images(pixels.to(torch.bfloat16)).float()
+        pack_linears(net)
+        packed = net.model.encode_images(pixels.to(torch.bfloat16))
+    vision = net.model.vision
+    assert isinstance(vision.patch_embedding.proj, WidenedConv2d) is not bf16_arithmetic
+    assert isinstance(vision.conv, WidenedConv2d) is not bf16_arithmetic
+    assert packed.dtype == torch.bfloat16
+    torch.testing.assert_close(packed.float(), plain, rtol=0.05, atol=0.05 * plain.abs().max().item())
+    fp32 = nn.Sequential(nn.Conv2d(3, 8, 2))
+    pack_linears(fp32)
+    assert type(fp32[0]) is nn.Conv2d
 
 
 def test_quantised_and_mapped_models_are_not_packed(reference_dir):

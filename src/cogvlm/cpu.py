@@ -19,3 +19,11 @@ def has(feature: str) -> bool:
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
     return bool(probe and probe())
+
+
+@functools.cache
+def bf16_arithmetic() -> bool:
+    """Whether oneDNN computes in bf16 on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Without it
+    (an AVX2-only CPU) oneDNN packs no bf16 weight and PyTorch's bf16 products and convolutions run
+    on slow generic loops (a 1344-pixel patch convolution: 14 s against 0.26 s in fp32)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import cpu, kernels
 
 PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -69,28 +69,45 @@ class RowLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for cogvlm's row kernel"
 
 
+class WidenedConv2d(nn.Module):
+    """A bf16 `nn.Conv2d` computed in fp32 (its weight widened once, the input per call, the output
+    rounded back to bf16) for a CPU without bf16 arithmetic, where PyTorch's bf16 convolution is
+    50x slower: the patch embedding and CogVLM2's stride-2 conv."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.float()).to(x.dtype)
+
+
 def can_pack() -> bool:
     """Whether this PyTorch build has oneDNN (every official CPU wheel does)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def onednn_takes(dtype: torch.dtype) -> bool:
-    """Whether oneDNN packs weights of this dtype on this CPU: bf16 needs AVX-512 (BW, VL, DQ) or
-    AVX-NE-CONVERT, which an AVX2-only CPU lacks; there a bf16 layer stays plain."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether oneDNN packs weights of this dtype on this CPU: bf16 needs `cpu.bf16_arithmetic()`,
+    which an AVX2-only CPU lacks; there a bf16 layer stays plain."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu.bf16_arithmetic())
 
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` whose weight is a dense CPU tensor in float32 / bfloat16 by a
     `RowLinear` (bf16 weights our kernel takes, where it runs, but the image-only ones where oneDNN
     has bf16) or a `PackedLinear` (where oneDNN takes the dtype), one at a time (the plain weight is
-    freed as its packed copy is made); returns how many were replaced."""
+    freed as its packed copy is made); returns how many were replaced. On a CPU without bf16
+    arithmetic, bf16 convolutions become `WidenedConv2d`s too."""
     if not can_pack():
         return 0
     count = 0
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and _plain_cpu(child.weight):
+            if type(child) is nn.Conv2d and child.weight.dtype == torch.bfloat16 and not cpu.bf16_arithmetic():
+                if _plain_cpu(child.weight):
+                    setattr(module, name, WidenedConv2d(child))
+            elif type(child) is nn.Linear and _plain_cpu(child.weight):
                 image_only = "vision" in f"{path}.{name}"  # where oneDNN has bf16, its prefill kernels serve these
                 if (
                     kernels.fits(child.weight)

@@ -57,8 +57,10 @@ class CogVLMModel(nn.Module):
             images = torch.stack(flat)
         if images.shape[0] == 0:
             return None
-        weight = self.vision.patch_embedding.proj.weight
-        # An offloaded weight waits on 'meta'; whoever offloaded it moves the inputs too.
+        # The tower's device and dtype (not the patch conv's weight: on a CPU without bf16 arithmetic
+        # inference widens it to fp32). An offloaded weight waits on 'meta'; whoever offloaded it
+        # moves the inputs too.
+        weight = self.vision.patch_embedding.cls_embedding
         images = images.to(device=None if weight.device.type == "meta" else weight.device, dtype=weight.dtype)
         return self.vision(images)
 
