@@ -1,6 +1,7 @@
 /* bf16 kernels for decoding on the CPU: products of a few rows with a weight, and one query's
  * attention over the cache (cogvlm/kernels.py builds and calls them; see it for why). Built for
- * AVX512-BF16 (and AMX), or, where the CPU has only AVX2 and FMA, the row products alone.
+ * AVX512-BF16 (and AMX), or, where the CPU has only AVX2 and FMA, in fp32 arithmetic on the widened
+ * bf16; the attention is written once over each instruction set's helpers.
  *
  * The weight is stored packed as (O/16, K/2, 16, 2): one 64-byte chunk holds two adjacent inputs
  * (k, k+1) of 16 consecutive outputs. With `vdpbf16ps` and the pair of x broadcast, a chunk adds
