@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cogvlm.errors import CogVLMError
+from cogvlm.errors import CogVLMError, SettingsError
 from cogvlm.eval import evaluate, evaluate_shapes, get_task, load_items, registry, shapes_items
 from cogvlm.eval.tasks.shapes import ground_caption_recall
 from cogvlm.synthetic import TASKS as SHAPE_TYPES
@@ -570,6 +570,16 @@ def test_shapes_items_per_type_and_a_derangement_of_images():
     assert [(i.id, i.query) for i in shuffled] == [(i.id, i.query) for i in items]
     own = {i.target.scene: i.image.tobytes() for i in items}
     assert all(i.image.tobytes() != own[i.target.scene] for i in shuffled)
+
+
+def test_shapes_items_of_some_types_are_those_of_the_full_set():
+    items = shapes_items(4, seed=5)
+    some = shapes_items(4, seed=5, types=("shape", "color"))
+    wanted = [(i.id, i.kind, i.query, i.target.answer) for i in items if i.kind in ("shape", "color")]
+    assert sorted(wanted) == sorted((i.id, i.kind, i.query, i.target.answer) for i in some) and wanted
+    for bad in (("colour",), ()):
+        with pytest.raises(SettingsError, match="shapes question types"):
+            shapes_items(4, seed=5, types=bad)
 
 
 def test_ground_caption_recall_by_phrase():

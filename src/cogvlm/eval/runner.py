@@ -272,8 +272,10 @@ def evaluate_shapes(
     shuffle: bool = False,
     batch_size: int = 8,
     progress: bool = False,
+    types: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Score a model on `n` held-out questions per type; see `runner.evaluate` for the result.
-    `pipeline` is anything with `batch(requests, **gen) -> list[str]` (a `cogvlm.Pipeline`)."""
-    items = shapes_items(n, seed, shuffle)
+    """Score a model on `n` held-out questions per type (of `types`, default all); see
+    `runner.evaluate` for the result. `pipeline` is anything with `batch(requests, **gen) ->
+    list[str]` (a `cogvlm.Pipeline`)."""
+    items = shapes_items(n, seed, shuffle, types=types)
     return evaluate(pipeline, SHAPES, items, batch_size=batch_size, progress=progress)

@@ -16,6 +16,7 @@ a fixed derangement): a model that reads the image then answers colour and shape
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...errors import SettingsError
@@ -42,18 +43,29 @@ class ShapesTarget:
     scene: Scene
 
 
-def shapes_items(n: int, seed: int = HELDOUT_SEED, shuffle: bool = False, size: int = IMAGE_SIZE) -> list[Item]:
-    """`n` questions of every type, grouped by type; with `shuffle`, images of other scenes."""
+def shapes_items(
+    n: int,
+    seed: int = HELDOUT_SEED,
+    shuffle: bool = False,
+    size: int = IMAGE_SIZE,
+    types: Sequence[str] | None = None,
+) -> list[Item]:
+    """`n` questions of every type (or of `types` alone: the same questions as in the full set),
+    grouped by type; with `shuffle`, images of other scenes."""
     if n < 1:
         raise SettingsError(f"n must be >= 1 (got {n})")
-    picked: dict[str, list[tuple[int, int, dict]]] = {t: [] for t in TYPES}
+    unknown = sorted(set(types or ()) - set(TYPES))
+    if unknown or types is not None and not types:
+        named = ", ".join(unknown) or "none given"
+        raise SettingsError(f"shapes question types: {named} (known: {', '.join(TYPES)})")
+    picked: dict[str, list[tuple[int, int, dict]]] = {t: [] for t in TYPES if types is None or t in types}
     scenes: list[Scene] = []
     for index, (_, scene, records) in enumerate(
         iter_scenes(seed, n * _SCENES_PER_QUESTION, size, per_scene=len(TYPES))
     ):
         scenes.append(scene)
         for k, record in enumerate(records):
-            if len(picked[record["task"]]) < n:
+            if record["task"] in picked and len(picked[record["task"]]) < n:
                 picked[record["task"]].append((index, k, record))
         if all(len(rows) == n for rows in picked.values()):
             break
