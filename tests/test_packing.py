@@ -51,7 +51,7 @@ def test_load_packs_every_linear_on_the_cpu_and_answers_as_plain_layers(referenc
 @pytest.mark.parametrize("onednn_bf16", [pytest.param(True, marks=ONEDNN_BF16), False])
 def test_bf16_layers_stay_plain_where_onednn_has_no_bf16(monkeypatch, onednn_bf16):
     """An AVX2-only CPU: oneDNN refuses to pack bf16, so those layers keep PyTorch's kernels (fp32
-    ones are still packed), and a bf16 model loads and answers instead of failing in the reorder."""
+    ones are still packed), and a bf16 layer answers instead of failing in the reorder."""
     monkeypatch.setattr(cpu, "bf16_arithmetic", lambda: onednn_bf16)
     net = nn.Sequential(nn.Linear(24, 10).to(torch.bfloat16), nn.Linear(10, 8))  # shapes our kernel skips
     x = torch.randn(3, 24, dtype=torch.bfloat16)

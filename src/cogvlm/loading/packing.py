@@ -104,9 +104,9 @@ def pack_linears(model: nn.Module) -> int:
     count = 0
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Conv2d and child.weight.dtype == torch.bfloat16 and not cpu.bf16_arithmetic():
-                if _plain_cpu(child.weight):
-                    setattr(module, name, WidenedConv2d(child))
+            bf16_conv = type(child) is nn.Conv2d and child.weight.dtype == torch.bfloat16
+            if bf16_conv and _plain_cpu(child.weight) and not cpu.bf16_arithmetic():
+                setattr(module, name, WidenedConv2d(child))
             elif type(child) is nn.Linear and _plain_cpu(child.weight):
                 image_only = "vision" in f"{path}.{name}"  # where oneDNN has bf16, its prefill kernels serve these
                 if (
