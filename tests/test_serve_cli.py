@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from cogvlm.cli import main
+from cogvlm.cli.options import load_pipeline
 
 LAUNCH = "import sys; from cogvlm.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"
 
@@ -25,6 +26,7 @@ LAUNCH = "import sys; from cogvlm.cli import main; sys.exit(main(['serve', *sys.
         ["--max-batch", "0"],
         ["--max-queue", "-1"],
         ["--timeout", "0"],
+        ["--image-cache-mb", "-1"],
         ["--port", "http"],
         ["--bogus"],
     ],
@@ -39,6 +41,18 @@ def test_bad_arguments_exit_2(argv, reference_dir, capsys):
 def test_help(capsys):
     assert main(["serve", "--help"]) == 0
     assert "--allow-remote-images" in capsys.readouterr().out
+
+
+def test_image_cache_flag_sizes_the_pipelines_cache(reference_dir, monkeypatch):
+    import cogvlm.cli.serve as command
+    import cogvlm.serve
+
+    served = []
+    monkeypatch.setattr(cogvlm.serve, "serve_forever", lambda app, host, port: served.append(app))
+    loaded = []
+    monkeypatch.setattr(command, "load_pipeline", lambda args: loaded.append(load_pipeline(args)) or loaded[-1])
+    assert main(["serve", "--model", str(reference_dir), "--device", "cpu", "--image-cache-mb", "8"]) == 0
+    assert served and loaded[0].image_cache.max_bytes == 8 * 2**20
 
 
 def test_serve_process(reference_dir):

@@ -131,8 +131,9 @@ def test_max_batch_defaults_to_the_slots_that_fit_the_free_memory(vlm, monkeypat
     from cogvlm.generation import cache
 
     per_slot = sum(cache.slot_bytes(vlm.model, vlm.context_length).values())
+    kept = vlm.image_cache.max_bytes  # what the image cache may come to hold is left free too
     monkeypatch.setattr(
-        cache, "_free_bytes", lambda device: (cache.PREFILL_RESERVE + 3.5 * per_slot) / cache.FREE_SHARE
+        cache, "_free_bytes", lambda device: (cache.PREFILL_RESERVE + kept + 3.5 * per_slot) / cache.FREE_SHARE
     )
     engine = Engine(vlm, EngineSettings())
     assert engine.max_batch == 3 and engine._state.cache.nbytes == 3 * per_slot

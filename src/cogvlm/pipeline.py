@@ -15,7 +15,7 @@ import torch
 from . import loading
 from .dropin import CogVLMForCausalLM
 from .errors import PromptError
-from .generation import BatchDecoder, BeamSettings, GenerationConfig, beam_search
+from .generation import BatchDecoder, BeamSettings, GenerationConfig, ImageFeatureCache, beam_search
 from .grounding import Box, parse_boxes
 from .image import ImageInput, load_image
 from .loading import DEFAULT_MODEL, LoadOptions
@@ -38,15 +38,24 @@ class GroundingResult:
 
 
 class Pipeline:
-    """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes."""
+    """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes.
+    `image_cache` keeps the features of recent pictures, so asking about one again (the next turn
+    of a chat, more questions in a batch) does not encode it again."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, generation: GenerationConfig | None = None, context_length: int | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        generation: GenerationConfig | None = None,
+        context_length: int | None = None,
+        image_cache: ImageFeatureCache | None = None,
     ) -> None:
-        """`context_length` caps prompt + answer (default: config.max_position_embeddings)."""
+        """`context_length` caps prompt + answer (default: config.max_position_embeddings);
+        `image_cache` defaults to one of `features.DEFAULT_MAX_BYTES` (128 MiB)."""
         self.model, self.tokenizer = model, tokenizer
         self.context_length = context_length or model.config.max_position_embeddings
         self.generation = generation or GenerationConfig(max_new_tokens=self.context_length)
+        self.image_cache = ImageFeatureCache() if image_cache is None else image_cache
 
     # ---- building requests --------------------------------------------------------------------
 
@@ -89,8 +98,7 @@ class Pipeline:
         """Run built samples together; yields (row, text piece) as tokens arrive."""
         pad = self.tokenizer.pad_token_id
         batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
-        dtype = self.model.dtype
-        batch["images"] = [[img.to(dtype) for img in imgs] for imgs in batch["images"]]
+        batch["image_features"] = self._features(batch["images"])
         eos = stop_token_ids(self.tokenizer, self.model.config)  # CogVLM2: either of two ends an answer
         decoder = BatchDecoder(self.model, batch, configs, tuple(eos))
         streams = [TextStream(self.tokenizer, c.stop) for c in configs]
@@ -123,6 +131,10 @@ class Pipeline:
             answers[row] += piece
         return answers
 
+    def _features(self, images: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor | None:
+        """The batch's image features (N, G + 2, D), from `image_cache` where it has them."""
+        return self.image_cache(self.model, [[img.to(self.model.dtype) for img in imgs] for imgs in images])
+
     def _beam_answers(
         self,
         samples: Sequence[dict[str, Any]],
@@ -134,7 +146,7 @@ class Pipeline:
         """Each request's best beam (`batch(..., num_beams=N)`), as text with its stop strings applied."""
         pad = self.tokenizer.pad_token_id
         batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
-        batch["images"] = [[img.to(self.model.dtype) for img in imgs] for imgs in batch["images"]]
+        batch["image_features"] = self._features(batch["images"])
         eos = stop_token_ids(self.tokenizer, self.model.config)
         settings = BeamSettings(num_beams, min(c.max_new_tokens for c in configs), length_penalty, early_stopping)
         answers = []

@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_queue": (args.max_queue, 0, "--max-queue must be >= 0"),
         "timeout_s": (args.timeout, 1e-9, "--timeout must be > 0"),
     }
-    for value, least, message in checks.values():
+    for value, least, message in (*checks.values(), (args.image_cache_mb, 0, "--image-cache-mb must be >= 0")):
         if value is not None and value < least:
             raise CogVLMError(message)
     from ..loading import resolve_folder
@@ -36,6 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     # Load before binding the port: a model that cannot be loaded ends the command with its reason.
     pipeline = load_pipeline(args)
+    if args.image_cache_mb is not None:
+        from ..generation import ImageFeatureCache
+
+        pipeline.image_cache = ImageFeatureCache(int(args.image_cache_mb * 2**20))
     serve_forever(create_app(pipeline, settings), host=args.host, port=args.port)
     return 0
 
@@ -62,7 +66,13 @@ def register(sub: Any) -> None:
         "--max-batch",
         type=int,
         help="requests decoded together, each holding a KV-cache slot of the whole context, reserved at "
-        "start (default: the slots that fit 90%% of the memory free after the weights, less 1 GiB; at most 32)",
+        "start (default: the slots that fit 90%% of the memory free after the weights, less 1 GiB and the image "
+        "cache; at most 32)",
+    )
+    g.add_argument(
+        "--image-cache-mb",
+        type=float,
+        help="features of recent images kept, so an image sent again is not encoded again (default: 128; 0: none)",
     )
     g.add_argument("--max-queue", type=int, help="requests that may wait for a slot; more get 429 (default: 32)")
     g.add_argument("--timeout", type=float, help="seconds one request may take, waiting included (default: 300)")

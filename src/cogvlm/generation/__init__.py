@@ -3,7 +3,8 @@
 `KVCache` holds (B, Hkv, S_max, K) keys and values per layer for one prefill, written at explicit
 positions; a step never concatenates over it. `SlotCache` reserves (slots, Hkv, L, K) once: a row
 is prefilled into a free slot, decodes at its own write index and frees its slot in place;
-`DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive.
+`DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive;
+`ImageFeatureCache` encodes each picture once across their calls.
 A seeded, sampled batch draws row i with seed + i (`row_seeds`); beam search (`beam_search`)
 scores as transformers' does.
 """
@@ -16,6 +17,7 @@ from .config import GenerationConfig
 if TYPE_CHECKING:
     from .cache import KVCache, SlotCache
     from .decoder import BatchDecoder, DecodeState
+    from .features import ImageFeatureCache
     from .generate import generate_sequences
     from .sampling import row_seeds, sample
     from .search import BeamSettings, Hypothesis, beam_search
@@ -27,6 +29,7 @@ _LAZY = {
     "SlotCache": "cache",
     "BatchDecoder": "decoder",
     "DecodeState": "decoder",
+    "ImageFeatureCache": "features",
     "generate_sequences": "generate",
     "row_seeds": "sampling",
     "sample": "sampling",
@@ -43,6 +46,7 @@ __all__ = [
     "KVCache",
     "SlotCache",
     "DecodeState",
+    "ImageFeatureCache",
     "prefill",
     "decode_one_token",
     "sample",

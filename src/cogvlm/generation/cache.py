@@ -126,14 +126,15 @@ def slot_bytes(model: Any, length: int) -> dict[torch.device, int]:
 FREE_SHARE, PREFILL_RESERVE = 0.9, 2**30
 
 
-def slots_that_fit(model: Any, length: int, cap: int) -> int:
+def slots_that_fit(model: Any, length: int, cap: int, keep: int = 0) -> int:
     """How many slots of `length` tokens fit the memory free now (the weights already loaded):
-    on each device, (FREE_SHARE x free - PREFILL_RESERVE) // the slot's bytes there; the
+    on each device, (FREE_SHARE x free - PREFILL_RESERVE - keep) // the slot's bytes there; the
     smallest over the devices, at least 1, at most `cap`. Free memory is the CUDA driver's
-    `mem_get_info` on a GPU, the system's available memory on the CPU."""
+    `mem_get_info` on a GPU, the system's available memory on the CPU; `keep` is what else will
+    be held later (an image cache's most)."""
     fits = cap
     for device, size in slot_bytes(model, length).items():
-        room = FREE_SHARE * _free_bytes(device) - PREFILL_RESERVE
+        room = FREE_SHARE * _free_bytes(device) - PREFILL_RESERVE - keep
         fits = min(fits, int(room // size))
     return max(1, fits)
 

@@ -19,13 +19,15 @@ from .cache import KVCache, SlotCache
 
 
 def prefill(model: Any, batch: dict[str, Any], cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the whole prompt once; returns last-position logits (B, V) and position ids (B, T)."""
+    """Run the whole prompt once; returns last-position logits (B, V) and position ids (B, T).
+    The batch's `image_features`, where given, stand in for its `images` (`ImageFeatureCache`)."""
     position_ids = build_position_ids(batch["token_type_ids"], batch["attention_mask"])
     out = model(
         input_ids=batch["input_ids"],
         token_type_ids=batch["token_type_ids"],
         attention_mask=batch["attention_mask"],
         images=batch.get("images"),
+        image_features=batch.get("image_features"),
         position_ids=position_ids,
         kv_cache=cache,
         cache_start=0,

@@ -73,11 +73,15 @@ class CogVLMModel(nn.Module):
         images: Images = None,
         kv_cache: Sequence[LayerCache] | None = None,
         cache_start: int = 0,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, D) after the final norm. Images are used only without a past."""
+        """Hidden states (B, T, D) after the final norm. Images are used only without a past;
+        `image_features` (N, G + 2, D), `encode_images`' output kept from before, stand in for them."""
         x = self.embed_tokens(input_ids)  # (B, T, D)
         is_image = token_type_ids == VISION_TOKEN_TYPE
-        features = self.encode_images(images) if cache_start == 0 else None
+        features = None
+        if cache_start == 0:
+            features = self.encode_images(images) if image_features is None else image_features
         n_image_tokens = int(is_image.sum())
         n_features = 0 if features is None else features.shape[0] * features.shape[1]
         if cache_start == 0 and n_image_tokens != n_features:
@@ -157,18 +161,22 @@ class CogVLMForCausalLM(nn.Module):
         kv_cache: Sequence[LayerCache] | None = None,
         cache_start: int = 0,
         logits_to_keep: int = 0,
+        image_features: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids, token_type_ids, attention_mask (B, T) -> logits (B, T, V) in fp32.
 
         With `kv_cache`, keys and values are written at positions cache_start.. and the
         attention mask must cover all cache_start + T positions. `logits_to_keep` > 0 computes
         only the last that many positions' logits. Labels (B, T) give the shifted LM loss.
+        `image_features` (N, G + 2, D) stand in for `images` (see `CogVLMModel.forward`).
         """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = build_position_ids(token_type_ids, attention_mask)
-        hidden = self.model(input_ids, token_type_ids, position_ids, attention_mask, images, kv_cache, cache_start)
+        hidden = self.model(
+            input_ids, token_type_ids, position_ids, attention_mask, images, kv_cache, cache_start, image_features
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()

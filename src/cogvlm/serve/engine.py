@@ -9,10 +9,12 @@ alone, straight into its slot, so its prompt is computed exactly as when it runs
 token comes from that prefill. Then it decodes with the other rows, each at its own column and
 position, and when it ends (done, cancelled, timed out, failed) its slot is freed in place.
 Nothing is re-laid out or copied for the batch: peak memory is the weights, the slots, and one
-prefill's or one step's activations.
+prefill's or one step's activations, and the pipeline's `image_cache` (a picture sent again, as
+chat clients do with every turn, is not encoded again).
 
 `max_batch` by default: as many slots as fit 90% of the memory free once the weights are loaded,
-less 1 GiB kept for a prefill's activations, at least 1 and at most MAX_AUTO_BATCH
+less 1 GiB kept for a prefill's activations and the image cache's most, at least 1 and at most
+MAX_AUTO_BATCH
 (generation.cache.slots_that_fit: CUDA's free memory on a GPU, the available memory on the CPU).
 
 A failure stays with its request:
@@ -49,6 +51,7 @@ from ..errors import SettingsError
 from ..generation import GenerationConfig
 from ..generation.cache import slots_that_fit
 from ..generation.decoder import NON_FINITE, SAMPLER_FAILED, DecodeState, Row, make_generator, pick_tokens
+from ..generation.features import ImageFeatureCache
 from ..loading.placement import execution_device
 from ..prompts import collate
 from ..streaming import TextStream
@@ -139,7 +142,12 @@ class Engine:
         # Every id that ends an answer (CogVLM2: <|end_of_text|> and <|eot_id|>); none is ever sent.
         self.eos = stop_token_ids(self.tokenizer, self.model.config)
         length = getattr(pipeline, "context_length", None) or self.model.config.max_position_embeddings
-        self.max_batch = settings.max_batch or slots_that_fit(self.model, length, MAX_AUTO_BATCH)
+        self._images = getattr(pipeline, "image_cache", None)
+        if self._images is None:
+            self._images = ImageFeatureCache()
+        self.max_batch = settings.max_batch or slots_that_fit(
+            self.model, length, MAX_AUTO_BATCH, keep=self._images.max_bytes
+        )
         self._state = DecodeState(self.model, self.max_batch, length, graphs=settings.cuda_graphs)
         self._device = execution_device(self.model.model.embed_tokens)
         log.info(
@@ -254,7 +262,9 @@ class Engine:
         try:
             inputs = collate([sample], pad_token_id=self.tokenizer.pad_token_id)
             inputs = {k: v.to(self._device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-            inputs["images"] = [[img.to(self._device, self.model.dtype) for img in sample["images"] or []]]
+            inputs["image_features"] = self._images(
+                self.model, [[img.to(self.model.dtype) for img in sample["images"] or []]]
+            )
             logits = self._state.admit([job.row], inputs)
         except Exception as e:
             job.row = None
