@@ -15,7 +15,7 @@ from cogvlm import cpu, kernels
 from cogvlm.config import get_preset
 from cogvlm.loading.packing import PackedLinear, RowLinear, can_pack, onednn_takes, pack_linears
 from cogvlm.model.cogvlm import CogVLMForCausalLM
-from cogvlm.model.decoder import attend_one
+from cogvlm.model.decoder import RMSNorm, RotaryEmbedding, apply_rotary, attend_one
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no AVX512-BF16 or AVX2 CPU, or no C compiler: our kernels do not run here"
@@ -223,3 +223,103 @@ def test_attend_takes_only_the_layout_it_reads(built):
     assert not kernels.attends(torch.randn(1, 8, 1, 32).to(torch.bfloat16), keys, values)  # grouped heads
     assert not kernels.attends(q.float(), keys.float(), values.float())
     assert not kernels.attends(torch.randn(1, 4, 2, 32).to(torch.bfloat16), keys, values)  # two queries
+
+
+def _ulps_apart(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart two bf16 tensors of the same signs are, element by element."""
+    return (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize(("rows", "width"), [(1, 1024), (5, 200), (300, 64)])
+def test_rmsnorm_equals_the_layer(built, rows, width):
+    """`RMSNorm`'s formula in one call: at most one bf16 step off (the mean's sums in another order),
+    and that rarely; the weight multiplies."""
+    torch.manual_seed(width)
+    norm = RMSNorm(width, 1e-5)
+    norm.weight.data = torch.rand(width) * 2 + 0.5
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(rows, width) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        got = kernels.rmsnorm(x, norm.weight, norm.eps)
+        x32 = x.float()  # the layer's own arithmetic, written out (the layer itself would call the kernel)
+        expected = (norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps))).to(torch.bfloat16)
+    apart = _ulps_apart(got, expected)
+    assert apart.max() <= 1 and (apart > 0).float().mean() < 0.01, apart.float().mean()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+@pytest.mark.parametrize("freq_dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_equals_rotary_and_cache_writes(built, heads, kv_heads, freq_dtype):
+    """Each row's query and key rotated by its position as `apply_rotary` does in bf16 (the
+    frequencies in fp32, or bf16 as in a model cast whole), then its key and value written at its
+    own column of a cache of keys by row and values by column, nothing else of the cache touched."""
+    torch.manual_seed(heads)
+    b, head_dim, length = 3, 64, 40
+    rotary = RotaryEmbedding(head_dim, 10000.0).to(freq_dtype)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(b, 1, width).to(torch.bfloat16)
+    positions = torch.tensor([[0], [7], [1300]])
+    index = torch.tensor([2, 5, 39])
+    keys = torch.randn(b, kv_heads, length, head_dim).to(torch.bfloat16)
+    values = torch.randn(b, kv_heads, head_dim, length).to(torch.bfloat16).transpose(-1, -2)  # by column
+    q, k, v = (
+        part.view(b, 1, -1, head_dim).transpose(1, 2)
+        for part in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    )
+    cos, sin = rotary(positions, torch.bfloat16)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rows = torch.arange(b)
+    expected_keys[rows, :, index] = expected_k[:, :, 0]
+    expected_values[rows, :, index] = v[:, :, 0]
+
+    with torch.no_grad():
+        assert kernels.stores(qkv, rotary.inv_freq, keys, values)
+        kernels.rope_store(qkv, positions, rotary.inv_freq, keys, values, index, heads, kv_heads)
+    got_q = qkv[..., : heads * head_dim].view(b, 1, heads, head_dim).transpose(1, 2)
+    assert torch.equal(got_q, expected_q)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+@torch.no_grad()
+def test_rope_store_takes_only_what_it_writes(built):
+    keys = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    qkv = torch.zeros(1, 1, 6 * 64, dtype=torch.bfloat16)
+    inv_freq = RotaryEmbedding(64, 10000.0).inv_freq
+    assert kernels.stores(qkv, inv_freq, keys, keys)
+    assert not kernels.stores(torch.zeros(1, 2, 6 * 64, dtype=torch.bfloat16), inv_freq, keys, keys)  # two tokens
+    assert not kernels.stores(qkv.float(), inv_freq, keys.float(), keys.float())
+    assert not kernels.stores(torch.zeros(1, 1, 12 * 64, dtype=torch.bfloat16)[..., ::2], inv_freq, keys, keys)
+    with torch.enable_grad():
+        assert not kernels.stores(qkv, inv_freq, keys, keys)  # under autograd PyTorch's ops serve
+
+
+def test_bf16_decoding_with_the_layer_kernels_answers_as_pytorchs_ops(
+    built, reference_model, reference_tokenizer, monkeypatch
+):
+    """A bf16 model's greedy answers, two rows of different lengths each decoding at its own column:
+    the same with the norm and rotary-and-store kernels as with PyTorch's ops in their place."""
+    import copy
+
+    from cogvlm.pipeline import Pipeline
+
+    vlm = Pipeline(copy.deepcopy(reference_model).to(torch.bfloat16), reference_tokenizer)
+    requests = [{"query": "Describe the picture in detail."}, {"query": "Hi"}]
+    used = {"normalises": 0, "stores": 0}
+
+    def counted(name):
+        takes = getattr(kernels, name)
+
+        def check(*args):
+            used[name] += takes(*args)
+            return takes(*args)
+
+        return check
+
+    for name in used:
+        monkeypatch.setattr(kernels, name, counted(name))
+    with_kernels = vlm.batch(requests, max_new_tokens=24)
+    assert used["normalises"] > 0 and used["stores"] > 0
+    for name in used:
+        monkeypatch.setattr(kernels, name, lambda *a: False)
+    assert vlm.batch(requests, max_new_tokens=24) == with_kernels

@@ -449,3 +449,91 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
   return failed;
 }
 
+
+/* ---- The small steps of a decoder layer, in plain C for both instruction sets (the compiler
+ * vectorises them). Each replaces a dozen PyTorch calls of a few microseconds apiece. */
+
+static inline float bf16_widen(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* fp32 -> bf16, rounded to nearest even; a NaN stays NaN (quiet) */
+static inline uint16_t bf16_round(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* RMSNorm of M rows of D (row stride D): y = bf16(w * (x * (1 / sqrt(mean(x^2) + eps)))), all in
+ * fp32 with w widened, in `RMSNorm.forward`'s order (only the mean's summation order differs). */
+void cogvlm_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, long M, long D, float eps) {
+#pragma omp parallel for schedule(static) if (M > 1)
+  for (long m = 0; m < M; m++) {
+    const uint16_t *xm = x + m * D;
+    float lanes[16] = {0};
+    long d = 0;
+    for (; d + 16 <= D; d += 16)
+      for (int i = 0; i < 16; i++) {
+        const float v = bf16_widen(xm[d + i]);
+        lanes[i] += v * v;
+      }
+    float sum = 0.0f;
+    for (; d < D; d++) sum += bf16_widen(xm[d]) * bf16_widen(xm[d]);
+    for (int i = 0; i < 16; i++) sum += lanes[i];
+    const float r = 1.0f / sqrtf(sum / (float)D + eps);
+    for (long e = 0; e < D; e++) y[m * D + e] = bf16_round(bf16_widen(w[e]) * (bf16_widen(xm[e]) * r));
+  }
+}
+
+/* One new token per row: rotate its query and key heads by the row's position (NeoX halves, as
+ * `apply_rotary` in bf16: cos and sin rounded to bf16, then bf16(bf16(x cos) + bf16(rotate_half(x)
+ * sin))), then write its key and value at the row's column of the cache.
+ * qkv (B, W): Q (H x K) | K (Hkv x K) | V (Hkv x K) per row, rotated in place. inv_freq (K/2) fp32,
+ * or bf16 where `inv_bf16` (the positions and frequencies then rounded to bf16 too, as PyTorch does
+ * in that dtype). Element (b, h, s, k) of the keys is at keys + b*ks[0] + h*ks[1] + s*ks[2] + k*ks[3],
+ * the values likewise with vs; row b writes column index[b]. */
+void cogvlm_rope_store_bf16(uint16_t *qkv, long B, long W, long H, long Hkv, long K, const int64_t *positions,
+                            const void *inv_freq, int inv_bf16, const int64_t *index, uint16_t *keys,
+                            const long *ks, uint16_t *values, const long *vs) {
+  const long half = K / 2;
+  for (long b = 0; b < B; b++) {
+    uint16_t *row = qkv + b * W;
+    float cs[512], sn[512]; /* K <= 1024 (checked by the caller) */
+    float t = (float)positions[b];
+    if (inv_bf16) t = bf16_widen(bf16_round(t));
+    for (long j = 0; j < half; j++) {
+      float f;
+      if (inv_bf16) {
+        f = bf16_widen(bf16_round(t * bf16_widen(((const uint16_t *)inv_freq)[j])));
+      } else {
+        f = t * ((const float *)inv_freq)[j];
+      }
+      cs[j] = bf16_widen(bf16_round(cosf(f)));
+      sn[j] = bf16_widen(bf16_round(sinf(f)));
+    }
+    for (long head = 0; head < H + Hkv; head++) {
+      uint16_t *x = row + head * K;
+      for (long j = 0; j < half; j++) {
+        const float lo = bf16_widen(x[j]), hi = bf16_widen(x[j + half]);
+        const float a_lo = bf16_widen(bf16_round(lo * cs[j])), b_lo = bf16_widen(bf16_round(-hi * sn[j]));
+        const float a_hi = bf16_widen(bf16_round(hi * cs[j])), b_hi = bf16_widen(bf16_round(lo * sn[j]));
+        x[j] = bf16_round(a_lo + b_lo);
+        x[j + half] = bf16_round(a_hi + b_hi);
+      }
+    }
+    const long column = index[b];
+    for (long h = 0; h < Hkv; h++) {
+      const uint16_t *key = row + (H + h) * K, *value = row + (H + Hkv + h) * K;
+      uint16_t *kd = keys + b * ks[0] + h * ks[1] + column * ks[2];
+      uint16_t *vd = values + b * vs[0] + h * vs[1] + column * vs[2];
+      for (long k = 0; k < K; k++) {
+        kd[k * ks[3]] = key[k];
+        vd[k * vs[3]] = value[k];
+      }
+    }
+  }
+}

@@ -78,6 +78,12 @@ def _library() -> tuple[ctypes.CDLL, str] | None:
     lib.cogvlm_attend_bf16.argtypes = [pointer, pointer, size, size, pointer, size, size, size, pointer, size]
     lib.cogvlm_attend_bf16.argtypes += [pointer, size, size, size, size, ctypes.c_float]
     lib.cogvlm_attend_bf16.restype = ctypes.c_int
+    lib.cogvlm_rmsnorm_bf16.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
+    lib.cogvlm_rmsnorm_bf16.restype = None
+    strides = ctypes.POINTER(ctypes.c_long)
+    lib.cogvlm_rope_store_bf16.argtypes = [pointer, size, size, size, size, size, pointer, pointer, ctypes.c_int]
+    lib.cogvlm_rope_store_bf16.argtypes += [pointer, pointer, strides, pointer, strides]
+    lib.cogvlm_rope_store_bf16.restype = None
     # _init_amx: Linux's leave to use the tiles
     amx = isa == "avx512_bf16" and cpu.has("amx_tile") and torch.cpu._init_amx()
     return lib, "amx" if amx else isa
@@ -189,3 +195,76 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if failed:
         raise MemoryError(f"decode attention: no memory for {length} scores a thread")
     return out
+
+
+def _cpu_bf16(*tensors: torch.Tensor) -> bool:
+    """bf16 CPU tensors outside autograd, where our kernels are built."""
+    plain = all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+    return plain and not torch.is_grad_enabled() and available()
+
+
+def normalises(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rmsnorm` takes these: bf16 rows and weight on the CPU, outside autograd."""
+    return _cpu_bf16(x, weight)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`RMSNorm.forward` in one call where `normalises(x, weight)`: (..., D) -> (..., D) bf16."""
+    built = _library()
+    assert built is not None, "rmsnorm() called where available() is False"
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (M, D)
+    out = torch.empty_like(flat)
+    built[0].cogvlm_rmsnorm_bf16(flat.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), *flat.shape, eps)
+    return out.view(x.shape)
+
+
+#: The longest head `rope_store` takes (its per-row tables are on the stack).
+MAX_HEAD_DIM = 1024
+
+
+def stores(qkv: torch.Tensor, inv_freq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `rope_store` takes these: one new token per row, its fused QKV (B, 1, W) contiguous,
+    bf16 on the CPU outside autograd, as the cache; inv_freq fp32 or bf16; an even head of at most
+    MAX_HEAD_DIM."""
+    head_dim = 2 * inv_freq.shape[0]
+    shapes = qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.is_contiguous() and head_dim <= MAX_HEAD_DIM
+    freq = inv_freq.dtype in (torch.float32, torch.bfloat16) and inv_freq.device.type == "cpu"
+    return shapes and freq and _cpu_bf16(qkv, keys, values)
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> None:
+    """Where `stores(...)`: rotate the query and key heads of each row's new token (qkv (B, 1, W):
+    Q | K | V) in place by its position (B, 1), as `apply_rotary` does in bf16, and write its key
+    and value at column index[b] of keys, values (B, Hkv, S, K) (any strides). One call for what
+    is otherwise a dozen per layer."""
+    built = _library()
+    assert built is not None, "rope_store() called where available() is False"
+    b, _, width = qkv.shape
+    where = positions.reshape(b).to(torch.int64).contiguous()
+    columns = index.to(torch.int64).contiguous()
+    freq = inv_freq.contiguous()
+    built[0].cogvlm_rope_store_bf16(
+        qkv.data_ptr(),
+        b,
+        width,
+        heads,
+        kv_heads,
+        2 * freq.shape[0],
+        where.data_ptr(),
+        freq.data_ptr(),
+        int(freq.dtype == torch.bfloat16),
+        columns.data_ptr(),
+        keys.data_ptr(),
+        (ctypes.c_long * 4)(*keys.stride()),
+        values.data_ptr(),
+        (ctypes.c_long * 4)(*values.stride()),
+    )

@@ -46,7 +46,8 @@ class RowIndexedCache:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with the official cast order: the weight multiplies the fp32 activations."""
+    """RMSNorm with the official cast order: the weight multiplies the fp32 activations (bf16
+    inference on the CPU: the same arithmetic in one of our kernels' calls)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -54,6 +55,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.normalises(x, self.weight):  # bf16 inference on the CPU: one call, not nine
+            return kernels.rmsnorm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * x32).to(x.dtype)
@@ -227,6 +230,14 @@ class VisionExpertAttention(nn.Module):
         mixed = route(
             x, vision_mask, self.language_expert_query_key_value, self.vision_expert_query_key_value
         )  # (B, T, (H + 2 Hkv) K): Q | K | V
+        inv_freq = self.rotary_emb.inv_freq
+        if isinstance(cache, RowIndexedCache) and kernels.stores(mixed, inv_freq, cache.keys, cache.values):
+            # bf16 decode on the CPU: the rotary embedding and the cache writes below, in one call
+            kernels.rope_store(
+                mixed, position_ids, inv_freq, cache.keys, cache.values, cache.index, self.num_heads, self.num_kv_heads
+            )
+            q = mixed[..., :d].view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, 1, K)
+            return self._attend(q, cache.keys, cache.values, cache.mask, is_causal, vision_mask)
         kv_width = self.num_kv_heads * self.head_dim
         q, k, v = mixed.split([d, kv_width, kv_width], dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
@@ -250,13 +261,26 @@ class VisionExpertAttention(nn.Module):
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
             if t > 1:  # SDPA reads keys or values stored (B, Hkv, K, S) 3x slower than a copy
                 k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        return self._attend(q, k, v, attn_mask, is_causal, vision_mask)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        vision_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """q (B, H, T, K) over k, v (B, Hkv, S, K), then the experts' output projection -> (B, T, D)."""
+        b, _, t, _ = q.shape
         if t == 1 and q.device.type == "cpu":
             ctx = decode_attention(q, k, v, attn_mask)
         else:  # enable_gqa: query head j reads KV head j // (H / Hkv), the grouping of the official code.
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
             )
-        ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        ctx = ctx.transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
         return route(ctx, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 
 
