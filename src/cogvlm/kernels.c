@@ -1,5 +1,6 @@
-/* bf16 kernels for decoding on the CPU: products of a few rows with a weight, and one query's
- * attention over the cache (cogvlm/kernels.py builds and calls them; see it for why). Built for
+/* bf16 kernels for decoding on the CPU: products of a few rows with a weight, one query's
+ * attention over the cache, and a layer's small steps (RMSNorm; rotary embedding and cache writes)
+ * (cogvlm/kernels.py builds and calls them; see it for why). Built for
  * AVX512-BF16 (and AMX), or, where the CPU has only AVX2 and FMA, in fp32 arithmetic on the widened
  * bf16; the attention is written once over each instruction set's helpers.
  *

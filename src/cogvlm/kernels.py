@@ -1,4 +1,6 @@
-"""Our bf16 kernels for decoding on the CPU: a few rows times a weight, and one query's attention.
+"""Our bf16 kernels for decoding on the CPU: a few rows times a weight, one query's attention, and
+a layer's small steps (RMSNorm; a decode step's rotary embedding and cache writes), each one call
+where PyTorch takes a dozen ops of a few microseconds.
 
 On a 2-core AVX-512 / AMX Xeon, oneDNN's and PyTorch's bf16 one-row kernels read a decoder-sized
 weight at 14-18 GB/s where MKL's fp32 `mv` reads 24-27 GB/s (benchmarks/RESULTS.md, issue 19),
