@@ -300,16 +300,54 @@ def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_toke
     assert (got - want.float()).abs().max().item() < 0.1, (got - want.float()).abs().max().item()
 
 
-def test_bf16_cpu_slots_of_grouped_heads_store_keys_by_column(cogvlm2_dir):
-    """CogVLM2's grouped heads decode eagerly on the CPU (oneDNN's product of a group's queries
-    and a key block), so in bf16 its keys are stored (B, Hkv, K, L) and its values by row."""
-    from cogvlm import CogVLMForCausalLM
+def test_bf16_cpu_grouped_heads_decode_through_the_kernel_as_the_full_forward(cogvlm2_dir, images, monkeypatch):
+    """CogVLM2's grouped heads (2 query heads per KV head) in bf16 on the CPU: every decode step's
+    attention goes through our kernel, and the logits at every step are the lone full forward's
+    to bf16's precision."""
+    import cogvlm
+    from cogvlm import kernels
+    from cogvlm.generation.decoder import DecodeState, Row
+
+    if not kernels.attends_grouped():
+        pytest.skip("our kernel attends grouped heads only where built for AVX2 (see kernels.attends_grouped)")
+    vlm = cogvlm.load(cogvlm2_dir, device="cpu", dtype="bfloat16")
+    model = vlm.model
+    assert model.config.num_attention_heads == 2 * model.config.num_kv_heads
+    calls, attend = [], kernels.attend
+    monkeypatch.setattr(kernels, "attend", lambda *args: calls.append(1) or attend(*args))
+    sample = vlm.build("Describe this image.", images[0])
+    state = DecodeState(model, 2, 96)
+    batch = collate([sample])
+    batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
+    row = Row(GenerationConfig(), sample["input_ids"])
+    with torch.no_grad():
+        seen = [state.admit([row], batch)[0]]
+        row.tokens.append(int(seen[0].argmax()))
+        for _ in range(8):
+            state.feed([row])
+            seen.append(state.step()[0])
+            row.tokens.append(int(seen[-1].argmax()))
+    assert len(calls) == 8 * model.config.num_hidden_layers
+    want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
+    assert (torch.stack(seen).float() - want.float()).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_bf16_cpu_slots_of_grouped_heads_take_the_layout_their_attention_reads(cogvlm2_dir, monkeypatch, kernel):
+    """CogVLM2's grouped heads: where our kernel attends them, keys by row and values (B, Hkv, K, L)
+    in memory, as for one head per KV head; where it does not, they decode eagerly (oneDNN's product
+    of a group's queries and a key block), so keys are stored (B, Hkv, K, L) and values by row."""
+    from cogvlm import CogVLMForCausalLM, kernels
     from cogvlm.generation.decoder import DecodeState
 
+    monkeypatch.setattr(kernels, "attends_grouped", lambda: kernel)
     model = CogVLMForCausalLM.from_pretrained(cogvlm2_dir, torch_dtype="bfloat16")
     assert model.config.num_attention_heads > model.config.num_kv_heads
     keys, values = DecodeState(model, 2, 16).cache.layers[0]
-    assert keys.stride(-2) == 1 and values.stride(-1) == 1
+    if kernel:
+        assert keys.stride(-1) == 1 and values.stride(-2) == 1
+    else:
+        assert keys.stride(-2) == 1 and values.stride(-1) == 1
 
 
 def test_a_failed_step_changes_nothing(vlm):

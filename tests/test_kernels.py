@@ -189,15 +189,19 @@ def built(build, monkeypatch):
     return build
 
 
-@pytest.mark.parametrize(("b", "h", "used", "head_dim"), [(1, 8, 1300, 128), (3, 2, 37, 32), (2, 4, 5, 16)])
+@pytest.mark.parametrize(
+    ("b", "h", "hkv", "used", "head_dim"),
+    [(1, 8, 8, 1300, 128), (3, 2, 2, 37, 32), (2, 4, 4, 5, 16), (2, 8, 2, 300, 128)],
+)
 @pytest.mark.parametrize("masked", [False, True])
-def test_attend_equals_attend_one(built, b, h, used, head_dim, masked):
+def test_attend_equals_attend_one(built, b, h, hkv, used, head_dim, masked):
+    """One query head per KV head, and grouped heads (query head j reads KV head j // (H / Hkv))."""
     torch.manual_seed(used)
-    keys, values = _cache_views(b, h, used + 11, head_dim, used)
+    keys, values = _cache_views(b, hkv, used + 11, head_dim, used)
     q = torch.randn(b, h, 1, head_dim).to(torch.bfloat16)
     mask = torch.rand(b, 1, 1, used) > 0.3 if masked else None
-    assert kernels.attends(q, keys, values)
-    got = kernels.attend(q, keys, values, mask)
+    assert kernels.attends(q, keys, values) == (h == hkv or built[1] == "avx2")  # groups: where measured faster
+    got = kernels.attend(q, keys, values, mask)  # the kernel computes groups right on every build
     assert got.shape == (b, h, 1, head_dim) and not got.isnan().any()
     torch.testing.assert_close(got, attend_one(q, keys, values, mask), rtol=2e-2, atol=1e-2)
 
@@ -220,7 +224,9 @@ def test_attend_takes_only_the_layout_it_reads(built):
     assert kernels.attends(q, keys, values)
     assert not kernels.attends(q, keys, values.contiguous())  # values by row
     assert not kernels.attends(q, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values)  # keys by column
-    assert not kernels.attends(torch.randn(1, 8, 1, 32).to(torch.bfloat16), keys, values)  # grouped heads
+    grouped = torch.randn(1, 8, 1, 32).to(torch.bfloat16)  # two query heads per KV head
+    assert kernels.attends(grouped, keys, values) == (built[1] == "avx2")
+    assert not kernels.attends(torch.randn(1, 6, 1, 32).to(torch.bfloat16), keys, values)  # not whole groups
     assert not kernels.attends(q.float(), keys.float(), values.float())
     assert not kernels.attends(torch.randn(1, 4, 2, 32).to(torch.bfloat16), keys, values)  # two queries
 

@@ -397,14 +397,15 @@ static void softmax_bf16(float *scores, uint16_t *probs, long S, float top) {
 static inline void store16f(const float *c, uint16_t *y) { store16(_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8), 0, y); }
 #endif
 
-/* One query per (row, head) of a decode step: out (B, H, D) = softmax(q . K^T * scale, masked) . V.
- * q and out (B, H, D) contiguous; key s of (b, h) at k + b*ksb + h*ksh + s*D (keys by row); value
- * dimension d at v + b*vsb + h*vsh + d*vsd + s (values by column); mask NULL or (B, S) bytes with
+/* One query per (row, head) of a decode step: out (B, H, D) = softmax(q . K^T * scale, masked) . V,
+ * query head h reading KV head h / G (G query heads per KV head: grouped-query attention).
+ * q and out (B, H, D) contiguous; key s of KV head (b, j) at k + b*ksb + j*ksh + s*D (keys by row);
+ * value dimension d at v + b*vsb + j*vsh + d*vsd + s (values by column); mask NULL or (B, S) bytes with
  * row stride msb, nonzero where a key is attended. Softmax in fp32; the probabilities are rounded
  * to bf16 before the values, as `attend_one` does. Returns nonzero if memory ran out. */
 int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh, const uint16_t *v, long vsb,
-                       long vsh, long vsd, const uint8_t *mask, long msb, uint16_t *out, long B, long H, long S,
-                       long D, float scale) {
+                       long vsh, long vsd, const uint8_t *mask, long msb, uint16_t *out, long B, long H, long G,
+                       long S, long D, float scale) {
   int failed = 0;
 #pragma omp parallel
   {
@@ -418,7 +419,7 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
     for (long b = 0; b < B; b++)
       for (long h = 0; h < H; h++) {
         if (!scores || !probs) continue;
-        const uint16_t *qh = q + (b * H + h) * D, *kh = k + b * ksb + h * ksh, *vh = v + b * vsb + h * vsh;
+        const uint16_t *qh = q + (b * H + h) * D, *kh = k + b * ksb + h / G * ksh, *vh = v + b * vsb + h / G * vsh;
         const uint8_t *mb = mask ? mask + b * msb : 0;
         const long quarter = S / 4; /* keys read as four streams, a quarter of the cache each */
         for (long s = 0; s < quarter; s++) {

@@ -78,7 +78,7 @@ def _library() -> tuple[ctypes.CDLL, str] | None:
         kernel.argtypes = [pointer, size, pointer, pointer, pointer, size, size]
         kernel.restype = ctypes.c_int
     lib.cogvlm_attend_bf16.argtypes = [pointer, pointer, size, size, pointer, size, size, size, pointer, size]
-    lib.cogvlm_attend_bf16.argtypes += [pointer, size, size, size, size, ctypes.c_float]
+    lib.cogvlm_attend_bf16.argtypes += [pointer, size, size, size, size, size, ctypes.c_float]
     lib.cogvlm_attend_bf16.restype = ctypes.c_int
     lib.cogvlm_rmsnorm_bf16.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     lib.cogvlm_rmsnorm_bf16.restype = None
@@ -157,18 +157,30 @@ def _product(kernel: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
     return out.view(*x.shape[:-1], blocks * BLOCK)
 
 
+def attends_grouped() -> bool:
+    """Whether `attend` serves grouped heads (several query heads per KV head) here: where built for
+    AVX2, whose oneDNN has no bf16 (bench-cogvlm2-1344 bf16 on a 2-core EPYC: batch 1 21-25 -> 54-63
+    tokens/s, batch 8 34-39 -> 210-219). Where the CPU has AVX512-BF16, oneDNN's product of a group's
+    queries and a key block serves, as measured there before."""
+    built = _library()
+    return built is not None and built[1] == "avx2"
+
+
 def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attend` takes these: bf16, one query and one query head per KV head, keys stored
-    by row and values by column (the bf16 CPU cache's layout), head size a multiple of 16."""
+    """Whether `attend` takes these: bf16, one query, one query head per KV head (or whole groups,
+    where `attends_grouped()`), keys stored by row and values by column (the bf16 CPU cache's
+    layout), head size a multiple of 16."""
     head_dim = q.shape[-1]
     layout = k.stride(-1) == 1 and k.stride(-2) == head_dim and v.stride(-2) == 1
-    shapes = q.shape[2] == 1 and q.shape[1] == k.shape[1] and head_dim % BLOCK == 0
+    heads = q.shape[1] == k.shape[1] or (q.shape[1] % k.shape[1] == 0 and attends_grouped())
+    shapes = q.shape[2] == 1 and heads and head_dim % BLOCK == 0
     return q.dtype == k.dtype == v.dtype == torch.bfloat16 and layout and shapes and available()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A decode step's attention where `attends(q, k, v)`: q (B, H, 1, D); k, v (B, H, S, D); mask
-    (B, 1, 1, S) bool or None -> (B, H, 1, D). Reads each key and value once, in memory order."""
+    """A decode step's attention where `attends(q, k, v)`: q (B, H, 1, D); k, v (B, Hkv, S, D), query
+    head j reading KV head j // (H / Hkv); mask (B, 1, 1, S) bool or None -> (B, H, 1, D). Reads each
+    key and value once per query head, in memory order."""
     built = _library()
     assert built is not None, "attend() called where available() is False"
     b, h, _, head_dim = q.shape
@@ -190,6 +202,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out.data_ptr(),
         b,
         h,
+        h // k.shape[1],
         length,
         head_dim,
         head_dim**-0.5,

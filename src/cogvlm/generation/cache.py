@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..loading.placement import execution_device
 from ..model.decoder import RowIndexedCache
 
@@ -179,11 +180,13 @@ def _layer(
     probabilities x values reads rows (2.6 against 1.25 ms at batch 8); bf16 with one query head
     per KV head, values by column too, for `model.decoder.decode_attention`'s compiled reductions
     (1.6 against 2.6-3.1 ms); grouped bf16 heads, which stay eager, keys stored by column, so
-    oneDNN's queries x keys reads rows (bench-490's shapes: 2.1-2.2 against 2.8-3.4 ms). CUDA
-    keeps the plain layout."""
-    bf16_grouped = dtype == torch.bfloat16 and grouped
-    keys = _stored(shape, dtype, device, by_column=bf16_grouped)
-    values_by_column = dtype == torch.float32 or (dtype == torch.bfloat16 and not grouped)
+    oneDNN's queries x keys reads rows (bench-490's shapes: 2.1-2.2 against 2.8-3.4 ms), except
+    where our kernel attends them (`kernels.attends_grouped()`), which reads keys by row and values
+    by column. CUDA keeps the plain layout."""
+    on_cpu = torch.device(device).type == "cpu"
+    eager_grouped = dtype == torch.bfloat16 and grouped and not (on_cpu and kernels.attends_grouped())
+    keys = _stored(shape, dtype, device, by_column=eager_grouped)
+    values_by_column = dtype == torch.float32 or (dtype == torch.bfloat16 and not eager_grouped)
     return keys, _stored(shape, dtype, device, by_column=values_by_column)
 
 

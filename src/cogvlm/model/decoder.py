@@ -169,18 +169,18 @@ def cpu_has_amx() -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row on the CPU. bf16 inference with one query head per KV head, keys by row and
-    values by column (the CPU cache's layout for it): our kernel where it runs (`kernels.attend`),
-    else compiled where the CPU has no AMX (bench-490 on an AVX-512 EPYC, batch 8: 1.6 against
-    2.6-3.1 ms a layer). The rest, and anything under autograd, eagerly. Grouped heads stay eager:
-    oneDNN's product of G queries and a key block beat the reductions inductor wrote for them
-    (bench-cogvlm2-1344: 359 against 278 tokens/s at batch 8)."""
+    """One query per row on the CPU. bf16 inference, keys by row and values by column (the CPU
+    cache's layout for it): our kernel where it takes them (`kernels.attends`); else,
+    with one query head per KV head, compiled where the CPU has no AMX (bench-490 on an AVX-512
+    EPYC, batch 8: 1.6 against 2.6-3.1 ms a layer). The rest, and anything under autograd, eagerly:
+    for grouped heads oneDNN's product of G queries and a key block beat the reductions inductor
+    wrote for them (bench-cogvlm2-1344: 359 against 278 tokens/s at batch 8)."""
     one_per_kv = q.shape[1] == k.shape[1]
     layout = k.stride(-1) == v.stride(-2) == 1
-    if q.dtype == torch.bfloat16 and one_per_kv and not torch.is_grad_enabled() and layout:
+    if q.dtype == torch.bfloat16 and not torch.is_grad_enabled() and layout:
         if kernels.attends(q, k, v):
             return kernels.attend(q, k, v, mask)
-        if not cpu_has_amx():
+        if one_per_kv and not cpu_has_amx():
             return compiled_attention(q, k, v, mask)
     return attend_one(q, k, v, mask)
 
