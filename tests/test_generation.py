@@ -185,6 +185,24 @@ def _lone_logits(model, sample, tokens: list[int]) -> torch.Tensor:
     return logits[0, len(sample["input_ids"]) - 1 :]
 
 
+def _greedy_steps(state, sample, steps: int) -> tuple:
+    """A bf16 sample prefilled into slot 0, then `steps` greedy decode steps: its Row and the
+    logits of the prefill and of each step (steps + 1 of (V,))."""
+    from cogvlm.generation.decoder import Row
+
+    batch = collate([sample])
+    batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
+    row = Row(GenerationConfig(), sample["input_ids"])
+    with torch.no_grad():
+        seen = [state.admit([row], batch)[0]]
+        row.tokens.append(int(seen[0].argmax()))
+        for _ in range(steps):
+            state.feed([row])
+            seen.append(state.step()[0])
+            row.tokens.append(int(seen[-1].argmax()))
+    return row, seen
+
+
 def _admit(state, vlm, sample, config=GenerationConfig()):
     """Prefill one built sample into the state's lowest free slot: (its Row, its logits (1, V))."""
     from cogvlm.generation.decoder import Row
@@ -258,7 +276,7 @@ def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_toke
     on a CPU with AMX, eagerly with oneDNN), and the logits at every step are the lone full
     forward's (which never reads a cache) to bf16's precision."""
     from cogvlm import CogVLMForCausalLM, kernels
-    from cogvlm.generation.decoder import DecodeState, Row
+    from cogvlm.generation.decoder import DecodeState
     from cogvlm.model import decoder
 
     if path == "kernel" and not kernels.available():
@@ -280,16 +298,7 @@ def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_toke
     if path != "kernel":
         monkeypatch.setattr(kernels, "attends", lambda *args: False)
     monkeypatch.setattr(decoder, "cpu_has_amx", lambda: path == "eager")
-    batch = collate([sample])
-    batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
-    row = Row(GenerationConfig(), sample["input_ids"])
-    with torch.no_grad():
-        seen = [state.admit([row], batch)[0]]
-        row.tokens.append(int(seen[0].argmax()))
-        for _ in range(8):
-            state.feed([row])
-            seen.append(state.step()[0])
-            row.tokens.append(int(seen[-1].argmax()))
+    row, seen = _greedy_steps(state, sample, 8)
     steps = 8 * model.config.num_hidden_layers
     assert {name: len(made) for name, made in calls.items()} == {
         name: steps if name == path else 0 for name in ("kernel", "compiled")
@@ -306,7 +315,7 @@ def test_bf16_cpu_grouped_heads_decode_through_the_kernel_as_the_full_forward(co
     to bf16's precision."""
     import cogvlm
     from cogvlm import kernels
-    from cogvlm.generation.decoder import DecodeState, Row
+    from cogvlm.generation.decoder import DecodeState
 
     if not kernels.attends_grouped():
         pytest.skip("our kernel attends grouped heads only where built for AVX2 (see kernels.attends_grouped)")
@@ -317,16 +326,7 @@ def test_bf16_cpu_grouped_heads_decode_through_the_kernel_as_the_full_forward(co
     monkeypatch.setattr(kernels, "attend", lambda *args: calls.append(1) or attend(*args))
     sample = vlm.build("Describe this image.", images[0])
     state = DecodeState(model, 2, 96)
-    batch = collate([sample])
-    batch["images"] = [[img.bfloat16() for img in imgs] for imgs in batch["images"]]
-    row = Row(GenerationConfig(), sample["input_ids"])
-    with torch.no_grad():
-        seen = [state.admit([row], batch)[0]]
-        row.tokens.append(int(seen[0].argmax()))
-        for _ in range(8):
-            state.feed([row])
-            seen.append(state.step()[0])
-            row.tokens.append(int(seen[-1].argmax()))
+    row, seen = _greedy_steps(state, sample, 8)
     assert len(calls) == 8 * model.config.num_hidden_layers
     want = _lone_logits(model, {**sample, "images": [img.bfloat16() for img in sample["images"]]}, row.tokens)
     assert (torch.stack(seen).float() - want.float()).abs().max().item() < 0.1

@@ -19,6 +19,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* one bf16 -> fp32 (exact) */
+static inline float bf16_widen(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
 #if defined(__AVX512BF16__)
 typedef void (*kernel_fn)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long,
                           long);
@@ -301,13 +309,6 @@ static inline __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 fp32 */
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-static inline float widen1(uint16_t h) {
-  const uint32_t bits = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -340,7 +341,7 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, long n) {
   }
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(widen8(a + i), widen8(b + i), acc0);
   float sum = hsum8(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) sum += widen1(a[i]) * widen1(b[i]);
+  for (; i < n; i++) sum += bf16_widen(a[i]) * bf16_widen(b[i]);
   return sum;
 }
 
@@ -358,8 +359,8 @@ static inline void dot4_bf16(const uint16_t *a, const uint16_t *b0, const uint16
   }
   out[0] = hsum8(c0), out[1] = hsum8(c1), out[2] = hsum8(c2), out[3] = hsum8(c3);
   for (; i < n; i++) {
-    const float x = widen1(a[i]);
-    out[0] += x * widen1(b0[i]), out[1] += x * widen1(b1[i]), out[2] += x * widen1(b2[i]), out[3] += x * widen1(b3[i]);
+    const float x = bf16_widen(a[i]);
+    out[0] += x * bf16_widen(b0[i]), out[1] += x * bf16_widen(b1[i]), out[2] += x * bf16_widen(b2[i]), out[3] += x * bf16_widen(b3[i]);
   }
 }
 
@@ -454,13 +455,6 @@ int cogvlm_attend_bf16(const uint16_t *q, const uint16_t *k, long ksb, long ksh,
 
 /* ---- The small steps of a decoder layer, in plain C for both instruction sets (the compiler
  * vectorises them). Each replaces a dozen PyTorch calls of a few microseconds apiece. */
-
-static inline float bf16_widen(uint16_t h) {
-  const uint32_t bits = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
 
 /* fp32 -> bf16, rounded to nearest even; a NaN stays NaN (quiet) */
 static inline uint16_t bf16_round(float f) {
