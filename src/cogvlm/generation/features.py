@@ -38,7 +38,6 @@ class ImageFeatureCache:
             raise ValueError(f"max_bytes must be >= 0 (got {max_bytes})")
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self.encoded = 0  # images that went through the tower, for the curious and the tests
         self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
@@ -62,7 +61,6 @@ class ImageFeatureCache:
             encoded = model.model.encode_images(torch.stack(list(missing.values())))  # (M, G + 2, D)
             found.update(zip(missing, encoded))
         features = torch.stack([found[key] for key in keys])  # (N, G + 2, D)
-        self.encoded += len(missing)
         self._keep(found)
         return features
 
