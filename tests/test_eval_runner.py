@@ -14,7 +14,7 @@ from PIL import Image
 import cogvlm.cli.eval
 from cogvlm.cli import main
 from cogvlm.errors import CogVLMError
-from cogvlm.eval import get_task, load_items, run, summary_table
+from cogvlm.eval import Item, get_task, load_items, predict, run, summary_table
 
 
 def cli_main(argv: list[str]) -> int:
@@ -122,6 +122,25 @@ def test_each_answer_is_on_disk_before_the_next_batch(gqa_dir, tmp_path):
 
     _run(gqa_dir, out, Watcher())
     assert seen == [0, 2, 4, 6]
+
+
+def test_questions_about_one_image_are_asked_together():
+    """A pipeline computes the [BOS, image] prefix once for the rows of a batch that share it, so
+    the runner batches questions by image (first appearance first) within each max_new_tokens;
+    every answer still lands on its own question."""
+    images = ["a.jpg", "b.jpg", "a.jpg", "c.jpg", "b.jpg", "a.jpg", "a.jpg"]
+    items = [Item(id=f"q{k}", image=image, query=f"question {k}?", target=None) for k, image in enumerate(images)]
+    items[6] = dataclasses.replace(items[6], max_new_tokens=4)
+    calls = []
+
+    class Recorder:
+        def batch(self, requests, **gen):
+            calls.append(([r["image"] for r in requests], gen["max_new_tokens"]))
+            return [f"answer to {r['query']}" for r in requests]
+
+    raw = predict(Recorder(), get_task("gqa"), items, batch_size=3)
+    assert calls == [(["a.jpg"] * 3, 16), (["b.jpg", "b.jpg", "c.jpg"], 16), (["a.jpg"], 4)]
+    assert raw == {f"q{k}": f"answer to question {k}?" for k in range(7)}
 
 
 def test_resume_after_interruption_asks_only_the_rest_and_scores_the_same(gqa_dir, tmp_path):

@@ -269,6 +269,47 @@ def test_rows_join_free_slots_and_leave_in_place(vlm, images, monkeypatch, whole
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
+def test_rows_that_share_an_image_prefill_its_prefix_once(vlm, images):
+    """Three questions on one picture and two on another, of different lengths (so padded), joining
+    a text row already in slot 0: [BOS, image] goes through the network once per picture, the rows
+    that share it take a copy, and each row's logits at the prefill and at every greedy step after
+    equal its lone full forward (no cache, no batch: an expectation the prefix code does not produce)."""
+    from cogvlm.generation.decoder import DecodeState, Row, pick_tokens
+
+    model = vlm.model
+    asked = [("Describe this image.", 0), ("What colour is the star in the middle?", 1), ("Where?", 0)]
+    asked += [("Is there a dog?", 1), ("What is in the picture of the garden today?", 0)]
+    samples = [vlm.build(query, images[i]) for query, i in asked]
+    batch = collate(samples)
+    batch["image_features"] = vlm.image_cache(model, batch["images"])
+    state = DecodeState(model, 7, 120)
+    text = vlm.build("What is a cat?")
+    first, first_logits = _admit(state, vlm, text)  # slot 0
+    rows = [first] + [Row(GenerationConfig(), s["input_ids"]) for s in samples]
+    samples.insert(0, text)
+    seen_shapes = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda _, args: seen_shapes.append(args[0].shape[:2]))
+    try:
+        with torch.no_grad():
+            logits = torch.cat((first_logits, state.admit(rows[1:], batch, share_prefix=True)))
+            seen = [[row_logits] for row_logits in logits]
+            for _ in range(6):
+                for row, token in zip(rows, pick_tokens(logits, rows)):
+                    row.tokens.append(token)
+                state.feed(rows)
+                logits = state.select(state.step(), rows)
+                for got, row_logits in zip(seen, logits):
+                    got.append(row_logits)
+    finally:
+        hook.remove()
+    prefix, t = 1 + model.config.image_tokens, batch["input_ids"].shape[1]
+    assert seen_shapes[:2] == [(2, prefix), (5, t - prefix)]  # the two prefixes, then every row's text
+    assert sorted(row.slot for row in rows) == list(range(6))
+    for row, built, got in zip(rows, samples, seen):
+        row.tokens.append(int(got[-1].argmax()))
+        torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("path", ["kernel", "compiled", "eager"])
 def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch, path):
     """A bf16 model on the CPU keeps its keys by row and its values (B, Hkv, K, L) in memory, each

@@ -100,7 +100,7 @@ class Pipeline:
         batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
         batch["image_features"] = self._features(batch["images"])
         eos = stop_token_ids(self.tokenizer, self.model.config)  # CogVLM2: either of two ends an answer
-        decoder = BatchDecoder(self.model, batch, configs, tuple(eos))
+        decoder = BatchDecoder(self.model, batch, configs, tuple(eos), share_prefix=True)
         streams = [TextStream(self.tokenizer, c.stop) for c in configs]
         for step in decoder:
             for row, token in step.items():

@@ -69,11 +69,28 @@ def load_items(task: Task, data: Path | None, split: str, limit: int | None = No
 
 # ----------------------------------------------------------------------------- answering
 def _batches(items: Sequence[Item], task: Task, size: int) -> Iterable[list[Item]]:
-    """Consecutive items with the same max_new_tokens, `size` at a time."""
-    for _, group in itertools.groupby(items, key=lambda i: i.max_new_tokens or task.max_new_tokens):
+    """Items with the same max_new_tokens, `size` at a time; within those, the questions about one
+    image side by side (a Pipeline computes the [BOS, image] prefix they share once a batch).
+    Otherwise in the items' order: settings and images by their first appearance."""
+
+    def setting(item: Item) -> int:
+        return item.max_new_tokens or task.max_new_tokens
+
+    tokens: dict[int, int] = {}
+    images: dict[Any, int] = {}
+    for item in items:
+        tokens.setdefault(setting(item), len(tokens))
+        images.setdefault(_image_key(item.image), len(images))
+    ordered = sorted(items, key=lambda i: (tokens[setting(i)], images[_image_key(i.image)]))
+    for _, group in itertools.groupby(ordered, key=setting):
         group = list(group)
         for start in range(0, len(group), size):
             yield group[start : start + size]
+
+
+def _image_key(image: Any) -> Any:
+    """Who an item's image is: its path, or the object itself (by identity) when it is loaded."""
+    return str(image) if isinstance(image, (str, Path)) else id(image)
 
 
 def _request(task: Task, item: Item) -> dict[str, Any]:

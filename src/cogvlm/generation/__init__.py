@@ -4,7 +4,8 @@
 positions; a step never concatenates over it. `SlotCache` reserves (slots, Hkv, L, K) once: a row
 is prefilled into a free slot, decodes at its own write index and frees its slot in place;
 `DecodeState` is the bookkeeping both `BatchDecoder` (generate, Pipeline) and the server drive;
-`ImageFeatureCache` encodes each picture once across their calls.
+`ImageFeatureCache` encodes each picture once across their calls, and rows of a batch that ask about
+one picture share its [BOS, image] prefill (`DecodeState.admit(..., share_prefix=True)`).
 A seeded, sampled batch draws row i with seed + i (`row_seeds`); beam search (`beam_search`)
 scores as transformers' does.
 """

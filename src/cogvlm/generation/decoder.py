@@ -28,7 +28,7 @@ from ..loading.placement import execution_device
 from .cache import SlotCache
 from .config import GenerationConfig
 from .sampling import sample
-from .step import decode_slots, prefill
+from .step import decode_slots, image_prefix, prefill, prefill_shared
 
 log = logging.getLogger("cogvlm.generation")
 
@@ -120,24 +120,34 @@ class DecodeState:
         """One past the highest occupied slot: a step decodes slots [0, top)."""
         return max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=0)
 
-    def admit(self, rows: Sequence[Row], batch: dict[str, Any]) -> torch.Tensor:
+    def admit(self, rows: Sequence[Row], batch: dict[str, Any], share_prefix: bool = False) -> torch.Tensor:
         """Prefill `batch` (len(rows) left-padded rows (n, T), on the model's device, with
         `images`) straight into the first n consecutive free slots; returns the logits of each
-        row's last position (n, V). A prefill that raises admits nothing: every slot stays as it
-        was (it may have written into the free slots it was given; they are still free)."""
+        row's last position (n, V). With `share_prefix`, rows that open with [BOS, image] are
+        prefilled by `prefill_shared` (each distinct prefix once; the rows then take the slots in
+        its order). A prefill that raises admits nothing: every slot stays as it was (it may have
+        written into the free slots it was given; they are still free)."""
         n, t = batch["input_ids"].shape
         if t > self.cache.length:
             raise ValueError(f"a prompt of {t} tokens does not fit slots of {self.cache.length}")
         start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
         if start is None:
             raise RuntimeError(f"no {n} free slots side by side")
-        logits, positions = prefill(self.model, batch, self.cache.rows(start, start + n))
-        self.cache.occupy(start, batch["attention_mask"])
+        plan = image_prefix(batch) if share_prefix else None
+        if plan is None:
+            order = list(range(n))
+            logits, positions = prefill(self.model, batch, self.cache.rows(start, start + n))
+            columns = batch["attention_mask"]
+        else:
+            order = plan.order
+            logits, positions, columns = prefill_shared(self.model, batch, plan, self.cache, start)
+            logits = logits[torch.tensor(order, device=logits.device).argsort()]  # back to the rows' order
+        self.cache.occupy(start, columns)
         self.positions[start : start + n] = positions[:, -1]
         self.live[start : start + n] = 1
-        for i, row in enumerate(rows):
-            row.slot, row.length = start + i, t
-            self.rows[start + i] = row
+        for i, r in enumerate(order):
+            rows[r].slot, rows[r].length = start + i, t
+            self.rows[start + i] = rows[r]
         return logits
 
     def feed(self, rows: Sequence[Row]) -> None:
@@ -248,7 +258,8 @@ class BatchDecoder:
     Rows finish at any of the eos ids, at their max_new_tokens, or when the caller calls
     `finish(row)` (a stop string, a cancelled request); a finished row frees its slot before the
     next step. The rows decode in a `DecodeState` of one slot each, as the server's do; `graphs`
-    as there (replayed as CUDA graphs; None: when the model and cache are on one CUDA device).
+    as there (replayed as CUDA graphs; None: when the model and cache are on one CUDA device);
+    `share_prefix` as `DecodeState.admit`'s.
     """
 
     def __init__(
@@ -258,8 +269,9 @@ class BatchDecoder:
         configs: Sequence[GenerationConfig],
         eos_token_id: int | Sequence[int] | None,
         graphs: bool | None = False,
+        share_prefix: bool = False,
     ) -> None:
-        self.model, self.configs, self.graphs = model, list(configs), graphs
+        self.model, self.configs, self.graphs, self.share_prefix = model, list(configs), graphs, share_prefix
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         device = execution_device(model.model.embed_tokens)
         self.batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -281,7 +293,7 @@ class BatchDecoder:
         b = self.batch["input_ids"].shape[0]
         state = DecodeState(self.model, b, self.max_len, graphs=self.graphs)
         rows = [Row(c, self._prompt_ids(r), self.tokens[r], self.generators[r]) for r, c in enumerate(self.configs)]
-        logits = state.admit(rows, self.batch)  # (B, V), row r in slot r
+        logits = state.admit(rows, self.batch, self.share_prefix)  # (B, V) in the rows' order
         live = list(range(b))  # the batch rows still decoding
         while True:
             picked = pick_tokens(logits, [rows[r] for r in live], check=False)

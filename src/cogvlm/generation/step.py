@@ -4,16 +4,18 @@
 row at its own slot's column (a `SlotCache`) and reads nothing back to the host: the positions,
 the write index and the mask stay on the device, and the token types of a decode step (all
 language) are a host tensor, so the network's count of image tokens is a host operation. That is
-what lets `DecodeState` replay the step as a CUDA graph.
+what lets `DecodeState` replay the step as a CUDA graph. `prefill_shared` prefills a batch whose
+rows open with [BOS, image] computing each distinct prefix once (a Pipeline's batches).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import LANGUAGE_TOKEN_TYPE
+from ..config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from ..model.positions import build_position_ids
 from .cache import KVCache, SlotCache
 
@@ -34,6 +36,112 @@ def prefill(model: Any, batch: dict[str, Any], cache: KVCache) -> tuple[torch.Te
         logits_to_keep=1,
     )
     return out.logits[:, -1], position_ids
+
+
+@dataclass(frozen=True)
+class ImagePrefix:
+    """Rows of a left-padded batch that each open with [BOS, image] (P tokens) and go on with text:
+    `order` lists the rows with a prefix of their own (same ids, same image features as no row
+    before them) first, then the rows that share one; `source[i]` is the place in `order` of the
+    row whose prefix order[i] takes."""
+
+    length: int
+    order: list[int]
+    source: list[int]
+
+    @property
+    def computed(self) -> int:
+        """How many prefixes are computed (the others are copied)."""
+        return len(set(self.source))
+
+
+def image_prefix(batch: dict[str, Any]) -> ImagePrefix | None:
+    """The plan for `prefill_shared`, or None when a row is text only, holds an image elsewhere
+    than right after its first token, or is all prefix (the batch is then prefilled whole)."""
+    features = batch.get("image_features")
+    types, mask, ids = batch["token_type_ids"], batch["attention_mask"], batch["input_ids"]
+    n, t = ids.shape
+    if features is None or features.shape[0] != n:
+        return None
+    g = features.shape[1]  # boi, patches, eoi
+    lengths = mask.sum(1)
+    pads = t - lengths  # (n,)
+    span = pads[:, None] + torch.arange(g + 1, device=pads.device)  # (n, P) each row's first P columns
+    left_padded = bool((mask.bool() == (torch.arange(t, device=pads.device) >= pads[:, None])).all())
+    prefix_types = types.gather(1, span.clamp(max=t - 1))  # (n, P)
+    expected = torch.full((g + 1,), VISION_TOKEN_TYPE, device=types.device)
+    expected[0] = LANGUAGE_TOKEN_TYPE
+    if not (
+        left_padded
+        and bool((lengths > g + 1).all())
+        and bool((prefix_types == expected).all())
+        and bool(((types == VISION_TOKEN_TYPE).sum(1) == g).all())
+    ):
+        return None
+    prefix_ids = ids.gather(1, span)  # (n, P)
+
+    def same(a: int, b: int) -> bool:
+        return torch.equal(prefix_ids[a], prefix_ids[b]) and torch.equal(features[a], features[b])
+
+    firsts: list[int] = []
+    owner: list[int] = []  # each row's first row with the same prefix
+    for r in range(n):
+        first = next((f for f in firsts if same(f, r)), None)
+        if first is None:
+            firsts.append(r)
+        owner.append(r if first is None else first)
+    order = firsts + [r for r in range(n) if owner[r] != r]
+    place = {r: i for i, r in enumerate(order)}
+    return ImagePrefix(g + 1, order, [place[owner[r]] for r in order])
+
+
+def prefill_shared(
+    model: Any, batch: dict[str, Any], plan: ImagePrefix, cache: SlotCache, start: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill the rows of `batch` into slots [start, start + n) in `plan.order`, each distinct
+    [BOS, image] prefix computed once: the prefixes, unpadded, into the first slots' columns [0, P);
+    copies of them into the slots of the rows that share one; then every row's text after it, in
+    columns [P, T), left-padded there (a row's padding sits between its prefix and its text).
+    Positions are each row's own, as when it runs alone. Returns, in slot order, the logits of the
+    last position (n, V), position ids (n, T - P) of the text, and the mask of columns (n, T)."""
+    p, order = plan.length, torch.tensor(plan.order, device=batch["input_ids"].device)
+    ids, types, mask = (batch[k].index_select(0, order) for k in ("input_ids", "token_type_ids", "attention_mask"))
+    n, t = ids.shape
+    u = plan.computed
+    pads = t - mask.sum(1)  # (n,)
+    span = pads[:u, None] + torch.arange(p, device=ids.device)  # (u, P)
+    prefix_types = types[:u].gather(1, span)
+    prefix_positions = build_position_ids(prefix_types)  # (u, P), the same in every row
+    model(
+        input_ids=ids[:u].gather(1, span),
+        token_type_ids=prefix_types,
+        image_features=batch["image_features"].index_select(0, order[:u].to(batch["image_features"].device)),
+        position_ids=prefix_positions,
+        kv_cache=cache.rows(start, start + u),
+        cache_start=0,
+        logits_to_keep=1,
+    )
+    if u < n:  # the sharing rows take a copy of their prefix's keys and values
+        source = torch.tensor(plan.source[u:])
+        for keys, values in cache.layers:
+            for stored in (keys, values):
+                stored[start + u : start + n, :, :p] = stored[:, :, :p][source.to(stored.device) + start]
+    # Row r's text is at columns [pads[r] + P, T) of the batch: at [P + pads[r], T) in the slot,
+    # i.e. the batch's own columns [P, T) with the first pads[r] of them held out (by the mask:
+    # what they hold is never attended to).
+    text = mask[:, : t - p]  # (n, T - P): 1 where a text token sits
+    text_positions = prefix_positions[:1, -1:] + text.cumsum(1)  # (n, T - P)
+    columns = torch.cat((torch.ones_like(mask[:, :p]), text), dim=1)  # (n, T)
+    out = model(
+        input_ids=ids[:, p:],
+        token_type_ids=torch.zeros_like(text),
+        attention_mask=columns,
+        position_ids=text_positions,
+        kv_cache=cache.rows(start, start + n),
+        cache_start=p,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1], text_positions, columns
 
 
 def decode_one_token(
