@@ -49,17 +49,23 @@ class Faulty:
         ids = inputs["input_ids"]
         if ids.shape[1] == 1:
             return self._decode(inputs)
-        prompt = tuple(ids[0].tolist())
-        if prompt in self.oom:
+        start = inputs.get("cache_start", 0)
+        call = tuple(ids[0].tolist())
+
+        def last_call_of(prompts) -> bool:
+            """The whole prompt, or its text after an image prefix prefilled before (cache_start)."""
+            return any(p[start:] == call and len(p) == start + len(call) for p in prompts)
+
+        if last_call_of(self.oom):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (scripted)")
         out = self.inner(**inputs)
         keys, values = inputs["kv_cache"].layers[0]
-        if prompt in self.nan_first:
+        if last_call_of(self.nan_first):
             out.logits[:] = float("nan")
-        if prompt in self.nan_later:
+        if last_call_of(self.nan_later):
             values[:, :, 0] = float("nan")
-            values[:, :, ids.shape[1] + 1 :] = float("nan")
-        if prompt in self.step_fails:
+            values[:, :, start + ids.shape[1] + 1 :] = float("nan")
+        if last_call_of(self.step_fails):
             self.failing_slot = keys.data_ptr()
         return out
 

@@ -56,7 +56,7 @@ class SlotCache:
     """S slots of L tokens: per layer (S, Hkv, L, K) keys and values, allocated once.
 
     `index` (S,) int64 and `mask` (S, L) bool live on the token embedding's device; a free slot
-    has index 0 and an empty mask.
+    has an empty mask and the index `free` gave it (0 unless told).
     """
 
     def __init__(self, model: Any, slots: int, length: int) -> None:
@@ -83,11 +83,12 @@ class SlotCache:
         self.mask[start : start + n, t:] = False
         self.index[start : start + n] = t
 
-    def free(self, slot: int, scrub: bool = False) -> None:
+    def free(self, slot: int, scrub: bool = False, park: int = 0) -> None:
         """Free a slot in place. `scrub` zeroes its keys and values too: a row that produced NaN
         or inf may have left them there, and a later row reads the columns it has not written
-        yet with weight 0, which NaN would still poison (0 * NaN)."""
-        self.index[slot] = 0
+        yet with weight 0, which NaN would still poison (0 * NaN). `park`: the column a free
+        slot's steps write their noise to (a step decodes free slots too)."""
+        self.index[slot] = park
         self.mask[slot] = False
         if scrub:
             for k, v in self.layers:

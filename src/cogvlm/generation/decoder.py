@@ -28,7 +28,7 @@ from ..loading.placement import execution_device
 from .cache import SlotCache
 from .config import GenerationConfig
 from .sampling import sample
-from .step import decode_slots, image_prefix, prefill, prefill_shared
+from .step import ImagePrefix, Prefix, decode_slots, image_prefix, prefill, prefill_shared
 
 log = logging.getLogger("cogvlm.generation")
 
@@ -109,6 +109,7 @@ class DecodeState:
         # has finished the previous copy by the time it is written again).
         self._staging = torch.zeros(slots, dtype=torch.long, pin_memory=device.type == "cuda")
         self.rows: list[Row | None] = [None] * slots
+        self.held: list[Prefix | None] = [None] * slots  # the [BOS, image] in each slot's first columns
         use_graphs = _one_cuda_device(model, self.cache) if graphs is None else graphs
         self.graphs = DecodeGraphs(self) if use_graphs else None
 
@@ -122,26 +123,28 @@ class DecodeState:
 
     def admit(self, rows: Sequence[Row], batch: dict[str, Any], share_prefix: bool = False) -> torch.Tensor:
         """Prefill `batch` (len(rows) left-padded rows (n, T), on the model's device, with
-        `images`) straight into the first n consecutive free slots; returns the logits of each
+        `images`) straight into n consecutive free slots (`_place`); returns the logits of each
         row's last position (n, V). With `share_prefix`, rows that open with [BOS, image] are
-        prefilled by `prefill_shared` (each distinct prefix once; the rows then take the slots in
-        its order). A prefill that raises admits nothing: every slot stays as it was (it may have
-        written into the free slots it was given; they are still free)."""
+        prefilled by `prefill_shared` (each distinct prefix once, none where a free slot kept it;
+        the rows then take the slots in its order). A prefill that raises admits nothing: every
+        slot stays as it was (it may have written into the free slots it was given; they are
+        still free)."""
         n, t = batch["input_ids"].shape
         if t > self.cache.length:
             raise ValueError(f"a prompt of {t} tokens does not fit slots of {self.cache.length}")
-        start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
-        if start is None:
-            raise RuntimeError(f"no {n} free slots side by side")
         plan = image_prefix(batch) if share_prefix else None
+        start, held = self._place(n, plan)
+        if not held:
+            self.held[start : start + n] = [None] * n  # the prefill overwrites them (even one that fails)
         if plan is None:
             order = list(range(n))
             logits, positions = prefill(self.model, batch, self.cache.rows(start, start + n))
             columns = batch["attention_mask"]
         else:
             order = plan.order
-            logits, positions, columns = prefill_shared(self.model, batch, plan, self.cache, start)
+            logits, positions, columns = prefill_shared(self.model, batch, plan, self.cache, start, held)
             logits = logits[torch.tensor(order, device=logits.device).argsort()]  # back to the rows' order
+            self.held[start : start + n] = plan.prefixes
         self.cache.occupy(start, columns)
         self.positions[start : start + n] = positions[:, -1]
         self.live[start : start + n] = 1
@@ -149,6 +152,25 @@ class DecodeState:
             rows[r].slot, rows[r].length = start + i, t
             self.rows[start + i] = rows[r]
         return logits
+
+    def _place(self, n: int, plan: ImagePrefix | None) -> tuple[int, bool]:
+        """The first of n consecutive free slots for a prefill, and whether it holds the prefix
+        already. One row with an image prefix goes where a finished row left the same prefix
+        (its columns [0, P) are never written after its prefill); else one row goes to the lowest
+        free slot that keeps none, else to the lowest free one; a batch, to the lowest n in a row."""
+        free = [s for s, row in enumerate(self.rows) if row is None]
+        if n == 1:
+            prefix = plan.prefixes[0] if plan is not None else None
+            kept = next((s for s in free if prefix and self.held[s] and self.held[s].same(prefix)), None)
+            if kept is not None:
+                return kept, True
+            empty = next((s for s in free if self.held[s] is None), None)
+            if empty is not None:
+                return empty, False
+        start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
+        if start is None:
+            raise RuntimeError(f"no {n} free slots side by side")
+        return start, False
 
     def feed(self, rows: Sequence[Row]) -> None:
         """Make each row's last picked token its next input: one asynchronous host-to-device copy."""
@@ -165,7 +187,8 @@ class DecodeState:
         nothing back to the host. A step that raises changes no row: it can be made again."""
         stop = self.top() if stop is None else stop
         rows = [row for row in self.rows[start:stop] if row is not None]
-        end = max(row.length for row in rows) + 1
+        parked = [len(p.ids) for p, row in zip(self.held[start:stop], self.rows[start:stop]) if p and row is None]
+        end = max([row.length for row in rows] + parked) + 1  # a free slot keeping P columns writes at P
         if self.graphs is not None and start == 0 and not eager:
             logits = self.graphs.run(stop, end)
         else:
@@ -179,8 +202,13 @@ class DecodeState:
         return logits
 
     def release(self, row: Row, scrub: bool = False) -> None:
-        """Free the row's slot in place (`scrub`: zero its keys and values, after NaN or inf)."""
-        self.cache.free(row.slot, scrub)
+        """Free the row's slot in place (`scrub`: zero its keys and values, after NaN or inf). The
+        [BOS, image] prefix it holds stays there for a later row with the same (`admit`): the
+        slot's steps while free write at the column after it, which that row writes before reading."""
+        if scrub:
+            self.held[row.slot] = None
+        prefix = self.held[row.slot]
+        self.cache.free(row.slot, scrub, park=0 if prefix is None else len(prefix.ids))
         self.live[row.slot] = 0
         self.positions[row.slot] = 0
         self.rows[row.slot] = None

@@ -39,15 +39,28 @@ def prefill(model: Any, batch: dict[str, Any], cache: KVCache) -> tuple[torch.Te
 
 
 @dataclass(frozen=True)
+class Prefix:
+    """A row's [BOS, image]: its ids (P,) and its image's features (G + 2, D)."""
+
+    ids: torch.Tensor
+    features: torch.Tensor
+
+    def same(self, other: "Prefix") -> bool:
+        """Whether the two give the same keys and values (equal ids, bit-equal features)."""
+        return torch.equal(self.ids, other.ids) and torch.equal(self.features, other.features)
+
+
+@dataclass(frozen=True)
 class ImagePrefix:
     """Rows of a left-padded batch that each open with [BOS, image] (P tokens) and go on with text:
-    `order` lists the rows with a prefix of their own (same ids, same image features as no row
-    before them) first, then the rows that share one; `source[i]` is the place in `order` of the
-    row whose prefix order[i] takes."""
+    `order` lists the rows with a prefix of their own (no row before them has the same) first,
+    then the rows that share one; `source[i]` is the place in `order` of the row whose prefix
+    order[i] takes; `prefixes[i]` is order[i]'s."""
 
     length: int
     order: list[int]
     source: list[int]
+    prefixes: list[Prefix]
 
     @property
     def computed(self) -> int:
@@ -79,31 +92,29 @@ def image_prefix(batch: dict[str, Any]) -> ImagePrefix | None:
     ):
         return None
     prefix_ids = ids.gather(1, span)  # (n, P)
-
-    def same(a: int, b: int) -> bool:
-        return torch.equal(prefix_ids[a], prefix_ids[b]) and torch.equal(features[a], features[b])
-
+    prefixes = [Prefix(prefix_ids[r], features[r]) for r in range(n)]
     firsts: list[int] = []
     owner: list[int] = []  # each row's first row with the same prefix
     for r in range(n):
-        first = next((f for f in firsts if same(f, r)), None)
+        first = next((f for f in firsts if prefixes[f].same(prefixes[r])), None)
         if first is None:
             firsts.append(r)
         owner.append(r if first is None else first)
     order = firsts + [r for r in range(n) if owner[r] != r]
     place = {r: i for i, r in enumerate(order)}
-    return ImagePrefix(g + 1, order, [place[owner[r]] for r in order])
+    return ImagePrefix(g + 1, order, [place[owner[r]] for r in order], [prefixes[r] for r in order])
 
 
 def prefill_shared(
-    model: Any, batch: dict[str, Any], plan: ImagePrefix, cache: SlotCache, start: int
+    model: Any, batch: dict[str, Any], plan: ImagePrefix, cache: SlotCache, start: int, held: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill the rows of `batch` into slots [start, start + n) in `plan.order`, each distinct
-    [BOS, image] prefix computed once: the prefixes, unpadded, into the first slots' columns [0, P);
-    copies of them into the slots of the rows that share one; then every row's text after it, in
-    columns [P, T), left-padded there (a row's padding sits between its prefix and its text).
-    Positions are each row's own, as when it runs alone. Returns, in slot order, the logits of the
-    last position (n, V), position ids (n, T - P) of the text, and the mask of columns (n, T)."""
+    [BOS, image] prefix computed once: the prefixes, unpadded, into the first slots' columns [0, P)
+    (`held`: those columns hold them already, left by an earlier row); copies of them into the slots
+    of the rows that share one; then every row's text after it, in columns [P, T), left-padded there
+    (a row's padding sits between its prefix and its text). Positions are each row's own, as when
+    it runs alone. Returns, in slot order, the logits of the last position (n, V), position ids
+    (n, T - P) of the text, and the mask of columns (n, T)."""
     p, order = plan.length, torch.tensor(plan.order, device=batch["input_ids"].device)
     ids, types, mask = (batch[k].index_select(0, order) for k in ("input_ids", "token_type_ids", "attention_mask"))
     n, t = ids.shape
@@ -112,15 +123,16 @@ def prefill_shared(
     span = pads[:u, None] + torch.arange(p, device=ids.device)  # (u, P)
     prefix_types = types[:u].gather(1, span)
     prefix_positions = build_position_ids(prefix_types)  # (u, P), the same in every row
-    model(
-        input_ids=ids[:u].gather(1, span),
-        token_type_ids=prefix_types,
-        image_features=batch["image_features"].index_select(0, order[:u].to(batch["image_features"].device)),
-        position_ids=prefix_positions,
-        kv_cache=cache.rows(start, start + u),
-        cache_start=0,
-        logits_to_keep=1,
-    )
+    if not held:
+        model(
+            input_ids=ids[:u].gather(1, span),
+            token_type_ids=prefix_types,
+            image_features=batch["image_features"].index_select(0, order[:u].to(batch["image_features"].device)),
+            position_ids=prefix_positions,
+            kv_cache=cache.rows(start, start + u),
+            cache_start=0,
+            logits_to_keep=1,
+        )
     if u < n:  # the sharing rows take a copy of their prefix's keys and values
         source = torch.tensor(plan.source[u:])
         for keys, values in cache.layers:
@@ -179,7 +191,8 @@ def decode_slots(
     `cache.index`, attending to columns [0, end); returns logits (R, V).
 
     tokens, positions, live (S,) on the device: each slot's last token, its last position, and 1
-    for an occupied slot (a free one keeps index and position 0). types (S, 1): zeros on the host.
+    for an occupied slot (a free one keeps position 0, and the index `SlotCache.free` gave it). types
+    (S, 1): zeros on the host.
     Only `cache.mask` (the new column) and the keys and values at `cache.index` are written, so a
     call that fails can be made again; the caller advances `cache.index` and `positions` by `live`
     once it succeeded. `cache_start` is nominal (end - 1 > 0: a continuation, no image).

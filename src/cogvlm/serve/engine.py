@@ -6,8 +6,10 @@ slots, each as long as the context, allocated when it starts. A request is admit
 is free: what it needs, prompt + max_tokens, always fits one slot, since the app refuses more
 than the context (400 context_length_exceeded) and `submit` checks it again. It is prefilled
 alone, straight into its slot, so its prompt is computed exactly as when it runs alone; its first
-token comes from that prefill. Then it decodes with the other rows, each at its own column and
-position, and when it ends (done, cancelled, timed out, failed) its slot is freed in place.
+token comes from that prefill (a finished row's slot keeps its [BOS, image] prefix: a request
+about the same image, a chat client's next turn, goes there and prefills its text alone). Then
+it decodes with the other rows, each at its own column and position, and when it ends (done,
+cancelled, timed out, failed) its slot is freed in place.
 Nothing is re-laid out or copied for the batch: peak memory is the weights, the slots, and one
 prefill's or one step's activations, and the pipeline's `image_cache` (a picture sent again, as
 chat clients do with every turn, is not encoded again).
@@ -265,7 +267,7 @@ class Engine:
             inputs["image_features"] = self._images(
                 self.model, [[img.to(self.model.dtype) for img in sample["images"] or []]]
             )
-            logits = self._state.admit([job.row], inputs)
+            logits = self._state.admit([job.row], inputs, share_prefix=True)
         except Exception as e:
             job.row = None
             if _out_of_memory(e):
