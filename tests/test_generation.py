@@ -310,6 +310,53 @@ def test_rows_that_share_an_image_prefill_its_prefix_once(vlm, images):
         torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
 
 
+def test_a_free_slot_keeps_its_image_prefix_while_the_rows_above_it_decode(vlm, images):
+    """Slot 0's row (about an image) ends while slot 1's, a text prompt shorter than the image's
+    prefix, decodes on: slot 0 is decoded with it (free slots are noise rows) and must not write
+    into the prefix it keeps. A row about the same image then joins slot 0, prefilling its text
+    alone, and both rows' logits at every step equal their lone full forwards."""
+    from cogvlm.generation.decoder import DecodeState, Row, pick_tokens
+
+    model = vlm.model
+    state = DecodeState(model, 2, 64)
+
+    def join(sample):
+        batch = collate([sample])
+        batch["image_features"] = vlm.image_cache(model, batch["images"])
+        row = Row(GenerationConfig(), sample["input_ids"])
+        with torch.no_grad():
+            logits = state.admit([row], batch, share_prefix=True)
+        row.tokens.append(int(logits[0].argmax()))
+        return row, [logits[0]]
+
+    def step(rows, seen):
+        state.feed(rows)
+        with torch.no_grad():
+            logits = state.select(state.step(), rows)
+        for row, token, got, row_logits in zip(rows, pick_tokens(logits, rows), seen, logits):
+            row.tokens.append(token)
+            got.append(row_logits)
+
+    first = vlm.build("Describe this image.", images[0])
+    text = vlm.build("Hi", template_version="base")
+    again = vlm.build("Where is the dog?", images[0], [("Describe this image.", "a cat.")])
+    prefix = 1 + model.config.image_tokens
+    a, seen_a = join(first)
+    b, seen_b = join(text)
+    assert (a.slot, b.slot) == (0, 1)
+    step([a, b], [seen_a, seen_b])
+    state.release(a)
+    step([b], [seen_b])
+    step([b], [seen_b])  # slot 0 free, decoded as noise
+    assert b.length < prefix  # so the step's columns stop short of the kept prefix's end
+    c, seen_c = join(again)
+    assert c.slot == 0 and state.held[0] is not None
+    for _ in range(3):
+        step([b, c], [seen_b, seen_c])
+    for row, built, got in ((a, first, seen_a), (b, text, seen_b), (c, again, seen_c)):
+        torch.testing.assert_close(torch.stack(got), _lone_logits(model, built, row.tokens), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("path", ["kernel", "compiled", "eager"])
 def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_tokenizer, images, monkeypatch, path):
     """A bf16 model on the CPU keeps its keys by row and its values (B, Hkv, K, L) in memory, each

@@ -156,15 +156,17 @@ class DecodeState:
     def _place(self, n: int, plan: ImagePrefix | None) -> tuple[int, bool]:
         """The first of n consecutive free slots for a prefill, and whether it holds the prefix
         already. One row with an image prefix goes where a finished row left the same prefix
-        (its columns [0, P) are never written after its prefill); else one row goes to the lowest
-        free slot that keeps none, else to the lowest free one; a batch, to the lowest n in a row."""
+        (its columns [0, P) are never written after its prefill); else one row goes to a free
+        slot below the highest occupied one that keeps none (a step decodes those anyway), else
+        to the lowest free one; a batch, to the lowest n in a row."""
         free = [s for s, row in enumerate(self.rows) if row is None]
         if n == 1:
             prefix = plan.prefixes[0] if plan is not None else None
             kept = next((s for s in free if prefix and self.held[s] and self.held[s].same(prefix)), None)
             if kept is not None:
                 return kept, True
-            empty = next((s for s in free if self.held[s] is None), None)
+            top = self.top()
+            empty = next((s for s in free if s < top and self.held[s] is None), None)
             if empty is not None:
                 return empty, False
         start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
