@@ -145,3 +145,47 @@ def test_the_server_engine_encodes_a_picture_sent_again_once(
     assert tower_batches == [1]
     alone = Pipeline(reference_model, reference_tokenizer, image_cache=ImageFeatureCache(max_bytes=0))
     assert answers == [alone.chat(q, pictures[1], max_new_tokens=8) for q in ("What is in the image?", "Is it red?")]
+
+
+def test_the_next_chat_turn_about_an_image_prefills_only_its_text(reference_model, reference_tokenizer, pictures):
+    """A pipeline keeps its one-request calls' KV cache with the last image's [BOS, image] prefix:
+    the next turn about that picture prefills only its text, and answers as a pipeline that keeps
+    nothing. A call left unfinished (a stream abandoned after its first piece) or `clear()` leaves
+    nothing kept, and the next turn computes the prefix again, still with the same answer."""
+    kept = Pipeline(reference_model, reference_tokenizer)
+    fresh = Pipeline(reference_model, reference_tokenizer)
+    fresh.keep_prefix = False
+    prefix = 1 + reference_model.config.image_tokens
+    prefills: list[int] = []
+
+    def record(_, args):
+        if args[0].shape[1] > 1:
+            prefills.append(args[0].shape[1])
+
+    turns = [("What is in the image?", pictures[0], [])]
+    turns.append(("And the colours?", pictures[0], [("What is in the image?", "a cat.")]))
+    turns.append(("Is it dark?", pictures[1], []))  # another picture: its prefix replaces the first
+    turns.append(("Is it light?", pictures[1], []))
+    hook = reference_model.model.layers[0].register_forward_pre_hook(record)
+    try:
+        seen = []
+        for query, picture, history in turns:
+            prefills.clear()
+            answer = kept.chat(query, picture, history, max_new_tokens=8)
+            seen.append(list(prefills))
+            assert answer == fresh.chat(query, picture, history, max_new_tokens=8), query
+        prefills.clear()
+        next(kept.stream("Is it red?", pictures[1], max_new_tokens=8))  # abandoned: its state is dropped
+        for clear in (False, True):
+            if clear:
+                kept.clear()
+            prefills.clear()
+            answer = kept.chat("Is it blue?", pictures[1], max_new_tokens=8)
+            seen.append(list(prefills))
+            assert answer == fresh.chat("Is it blue?", pictures[1], max_new_tokens=8)
+    finally:
+        hook.remove()
+    texts = [len(kept.build(q, p, h)["input_ids"]) - prefix for q, p, h in turns]
+    blue = len(kept.build("Is it blue?", pictures[1])["input_ids"]) - prefix
+    # "Is it blue?" after the abandoned stream, then after clear(): its prefix computed both times
+    assert seen == [[prefix, texts[0]], [texts[1]], [prefix, texts[2]], [texts[3]], [prefix, blue], [prefix, blue]]

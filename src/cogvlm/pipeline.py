@@ -15,7 +15,14 @@ import torch
 from . import loading
 from .dropin import CogVLMForCausalLM
 from .errors import PromptError
-from .generation import BatchDecoder, BeamSettings, GenerationConfig, ImageFeatureCache, beam_search
+from .generation import (
+    BatchDecoder,
+    BeamSettings,
+    DecodeState,
+    GenerationConfig,
+    ImageFeatureCache,
+    beam_search,
+)
 from .grounding import Box, parse_boxes
 from .image import ImageInput, load_image
 from .loading import DEFAULT_MODEL, LoadOptions
@@ -40,7 +47,10 @@ class GroundingResult:
 class Pipeline:
     """A loaded model and tokenizer with the everyday calls; images are PIL, paths or bytes.
     `image_cache` keeps the features of recent pictures, so asking about one again (the next turn
-    of a chat, more questions in a batch) does not encode it again."""
+    of a chat, more questions in a batch) does not encode it again. With `keep_prefix` (the
+    default), a one-request call (chat, stream) decodes in a KV cache of one slot of the context
+    that the pipeline keeps, with the [BOS, image] prefix of its last image: the next turn about
+    that image prefills only its text. `clear()` drops both."""
 
     def __init__(
         self,
@@ -56,6 +66,13 @@ class Pipeline:
         self.context_length = context_length or model.config.max_position_embeddings
         self.generation = generation or GenerationConfig(max_new_tokens=self.context_length)
         self.image_cache = ImageFeatureCache() if image_cache is None else image_cache
+        self.keep_prefix = True
+        self._kept: DecodeState | None = None  # a one-request call's state, between calls
+
+    def clear(self) -> None:
+        """Forget the kept image features and the kept KV cache (after changing the weights)."""
+        self.image_cache.clear()
+        self._kept = None
 
     # ---- building requests --------------------------------------------------------------------
 
@@ -100,7 +117,11 @@ class Pipeline:
         batch = collate(samples, pad_token_id=self.model.config.pad_token_id if pad is None else pad)
         batch["image_features"] = self._features(batch["images"])
         eos = stop_token_ids(self.tokenizer, self.model.config)  # CogVLM2: either of two ends an answer
-        decoder = BatchDecoder(self.model, batch, configs, tuple(eos), share_prefix=True)
+        keep = self.keep_prefix and len(samples) == 1
+        if keep and self._kept is None:
+            self._kept = DecodeState(self.model, 1, self.context_length)
+        state, self._kept = (self._kept, None) if keep else (None, self._kept)  # a call left unfinished keeps none
+        decoder = BatchDecoder(self.model, batch, configs, tuple(eos), share_prefix=True, state=state)
         streams = [TextStream(self.tokenizer, c.stop) for c in configs]
         for step in decoder:
             for row, token in step.items():
@@ -115,6 +136,8 @@ class Pipeline:
             rest = stream.finish()
             if rest:
                 yield row, rest
+        if keep:
+            self._kept = state
 
     def batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[str]:
         """Answers to many requests at once; each is a dict with `query`, `image`, `history`

@@ -289,7 +289,9 @@ class BatchDecoder:
     `finish(row)` (a stop string, a cancelled request); a finished row frees its slot before the
     next step. The rows decode in a `DecodeState` of one slot each, as the server's do; `graphs`
     as there (replayed as CUDA graphs; None: when the model and cache are on one CUDA device);
-    `share_prefix` as `DecodeState.admit`'s.
+    `share_prefix` as `DecodeState.admit`'s. `state`: decode in this one (every slot free, at
+    least B of them, each at least prompt + max_new_tokens long) instead of a new one, so that a
+    slot's kept [BOS, image] prefix serves this batch; `self.state` is the one used.
     """
 
     def __init__(
@@ -300,6 +302,7 @@ class BatchDecoder:
         eos_token_id: int | Sequence[int] | None,
         graphs: bool | None = False,
         share_prefix: bool = False,
+        state: DecodeState | None = None,
     ) -> None:
         self.model, self.configs, self.graphs, self.share_prefix = model, list(configs), graphs, share_prefix
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -310,6 +313,11 @@ class BatchDecoder:
         self.generators = [make_generator(c, device) for c in self.configs]
         self.tokens: list[list[int]] = [[] for _ in range(b)]
         self._finished: set[int] = set()
+        if state is not None and state.free != state.cache.slots:
+            raise ValueError("a state to decode in must have every slot free")
+        if state is not None and (state.cache.slots < b or state.cache.length < self.max_len):
+            raise ValueError(f"a state for {b} rows of {self.max_len} tokens needs that many slots that long")
+        self.state = state
 
     def finish(self, row: int) -> None:
         self._finished.add(row)
@@ -321,7 +329,9 @@ class BatchDecoder:
     @torch.no_grad()
     def __iter__(self) -> Iterator[dict[int, int]]:
         b = self.batch["input_ids"].shape[0]
-        state = DecodeState(self.model, b, self.max_len, graphs=self.graphs)
+        if self.state is None:
+            self.state = DecodeState(self.model, b, self.max_len, graphs=self.graphs)
+        state = self.state
         rows = [Row(c, self._prompt_ids(r), self.tokens[r], self.generators[r]) for r, c in enumerate(self.configs)]
         logits = state.admit(rows, self.batch, self.share_prefix)  # (B, V) in the rows' order
         live = list(range(b))  # the batch rows still decoding
