@@ -232,6 +232,33 @@ def test_a_request_about_an_image_seen_before_prefills_only_its_text(vlm, images
     ]
 
 
+def test_a_request_about_the_image_of_a_running_one_copies_its_prefix(vlm, images):
+    """Two requests about one image at once (two users, or an evaluation's questions sent together):
+    the second takes a copy of the [BOS, image] keys and values from the first one's slot and
+    prefills only its text; both answers equal the pipeline's own."""
+    engine, model = engine_for(vlm, max_batch=3, delay=0.002)
+    prefix = 1 + vlm.model.config.image_tokens
+    first, second = vlm.build("Describe this image.", images[0]), vlm.build("Is there a dog?", images[0])
+
+    async def scenario():
+        a = engine.submit(first, GenerationConfig(max_new_tokens=40), "a")
+        head = (await a.events.get()).text  # a is decoding
+        calls = len(model.calls)
+        b = await finish(engine.submit(second, GenerationConfig(max_new_tokens=8), "b"))
+        rest, _ = await finish(a)
+        return head + rest, b[0], calls
+
+    try:
+        a_text, b_text, calls = run(scenario())
+    finally:
+        engine.close()
+    assert a_text == vlm.chat("Describe this image.", images[0], max_new_tokens=40)
+    assert b_text == vlm.chat("Is there a dog?", images[0], max_new_tokens=8)
+    prefills = [t for _, t in model.calls if t > 1]
+    assert prefills == [prefix, len(first["input_ids"]) - prefix, len(second["input_ids"]) - prefix]
+    assert len([t for _, t in model.calls[:calls] if t > 1]) == 2  # b joined while a was decoding
+
+
 def test_a_model_failure_fails_its_requests_not_the_worker(vlm, caplog):
     engine, _ = engine_for(vlm, fail_at_calls=(3, 4))  # a decode step, and the row's step alone after it
     sample = vlm.build("Hi")

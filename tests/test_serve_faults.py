@@ -31,9 +31,11 @@ from test_serve_engine import body, finish, run
 class Faulty:
     """The model, failing on the prompts it is given (each a tuple of prompt ids):
     `oom`: its prefill raises torch.OutOfMemoryError; `nan_first`: its prefill's logits are NaN;
-    `nan_later`: after its prefill, NaN is written into the values of its own slot (column 0, read
-    by its next step, and the columns it has not written yet, which a slot's next row would read
-    with weight 0 unless they are scrubbed); `step_fails`: every decode call that includes its
+    `nan_later`: after its prefill, NaN is written into the values of its own slot (its prompt's
+    last column, read by its next step, and the columns it has not written yet, which a slot's
+    next row would read with weight 0 unless they are scrubbed; not its [BOS, image] columns,
+    which nothing writes after they are computed and the engine copies to requests about the
+    same image); `step_fails`: every decode call that includes its
     slot raises, until it has failed alone."""
 
     def __init__(self, model, oom=(), nan_first=(), nan_later=(), step_fails=()) -> None:
@@ -63,7 +65,7 @@ class Faulty:
         if last_call_of(self.nan_first):
             out.logits[:] = float("nan")
         if last_call_of(self.nan_later):
-            values[:, :, 0] = float("nan")
+            values[:, :, start + ids.shape[1] - 1] = float("nan")
             values[:, :, start + ids.shape[1] + 1 :] = float("nan")
         if last_call_of(self.step_fails):
             self.failing_slot = keys.data_ptr()

@@ -133,8 +133,8 @@ class DecodeState:
         if t > self.cache.length:
             raise ValueError(f"a prompt of {t} tokens does not fit slots of {self.cache.length}")
         plan = image_prefix(batch) if share_prefix else None
-        start, held = self._place(n, plan)
-        if not held:
+        start, source = self._place(n, plan)
+        if source != start:
             self.held[start : start + n] = [None] * n  # the prefill overwrites them (even one that fails)
         if plan is None:
             order = list(range(n))
@@ -142,7 +142,7 @@ class DecodeState:
             columns = batch["attention_mask"]
         else:
             order = plan.order
-            logits, positions, columns = prefill_shared(self.model, batch, plan, self.cache, start, held)
+            logits, positions, columns = prefill_shared(self.model, batch, plan, self.cache, start, source)
             logits = logits[torch.tensor(order, device=logits.device).argsort()]  # back to the rows' order
             self.held[start : start + n] = plan.prefixes
         self.cache.occupy(start, columns)
@@ -153,26 +153,30 @@ class DecodeState:
             self.rows[start + i] = rows[r]
         return logits
 
-    def _place(self, n: int, plan: ImagePrefix | None) -> tuple[int, bool]:
-        """The first of n consecutive free slots for a prefill, and whether it holds the prefix
-        already. One row with an image prefix goes where a finished row left the same prefix
-        (its columns [0, P) are never written after its prefill); else one row goes to a free
-        slot below the highest occupied one that keeps none (a step decodes those anyway), else
-        to the lowest free one; a batch, to the lowest n in a row."""
+    def _place(self, n: int, plan: ImagePrefix | None) -> tuple[int, int | None]:
+        """The first of n consecutive free slots for a prefill, and a slot holding its one image
+        prefix already (None: none does). A slot keeps its row's prefix in columns [0, P) from
+        the row's prefill until another prefill takes the slot, the row's end included. One row
+        with an image prefix goes where a finished row left the same prefix; else one row goes
+        to a free slot below the highest occupied one that keeps none (a step decodes those
+        anyway), else to the lowest free one, and takes a copy of its prefix where a running row
+        holds it; a batch goes to the lowest n in a row."""
         free = [s for s, row in enumerate(self.rows) if row is None]
-        if n == 1:
-            prefix = plan.prefixes[0] if plan is not None else None
-            kept = next((s for s in free if prefix and self.held[s] and self.held[s].same(prefix)), None)
-            if kept is not None:
-                return kept, True
-            top = self.top()
-            empty = next((s for s in free if s < top and self.held[s] is None), None)
-            if empty is not None:
-                return empty, False
-        start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
-        if start is None:
-            raise RuntimeError(f"no {n} free slots side by side")
-        return start, False
+        if n > 1:
+            start = next((s for s in range(self.cache.slots - n + 1) if not any(self.rows[s : s + n])), None)
+            if start is None:
+                raise RuntimeError(f"no {n} free slots side by side")
+            return start, None
+        if not free:
+            raise RuntimeError("no free slot")
+        prefix = plan.prefixes[0] if plan is not None else None
+        holding = [s for s, held in enumerate(self.held) if prefix and held and held.same(prefix)]
+        kept = next((s for s in holding if self.rows[s] is None), None)
+        if kept is not None:
+            return kept, kept
+        top = self.top()
+        slot = next((s for s in free if s < top and self.held[s] is None), free[0])
+        return slot, holding[0] if holding else None
 
     def feed(self, rows: Sequence[Row]) -> None:
         """Make each row's last picked token its next input: one asynchronous host-to-device copy."""

@@ -106,15 +106,16 @@ def image_prefix(batch: dict[str, Any]) -> ImagePrefix | None:
 
 
 def prefill_shared(
-    model: Any, batch: dict[str, Any], plan: ImagePrefix, cache: SlotCache, start: int, held: bool = False
+    model: Any, batch: dict[str, Any], plan: ImagePrefix, cache: SlotCache, start: int, source: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill the rows of `batch` into slots [start, start + n) in `plan.order`, each distinct
     [BOS, image] prefix computed once: the prefixes, unpadded, into the first slots' columns [0, P)
-    (`held`: those columns hold them already, left by an earlier row); copies of them into the slots
-    of the rows that share one; then every row's text after it, in columns [P, T), left-padded there
-    (a row's padding sits between its prefix and its text). Positions are each row's own, as when
-    it runs alone. Returns, in slot order, the logits of the last position (n, V), position ids
-    (n, T - P) of the text, and the mask of columns (n, T)."""
+    (`source`, for one prefix: the slot whose columns [0, P) hold it already, `start` itself or
+    another, copied); copies of them into the slots of the rows that share one; then every row's
+    text after it, in columns [P, T), left-padded there (a row's padding sits between its prefix
+    and its text). Positions are each row's own, as when it runs alone. Returns, in slot order, the
+    logits of the last position (n, V), position ids (n, T - P) of the text, and the mask of
+    columns (n, T)."""
     p, order = plan.length, torch.tensor(plan.order, device=batch["input_ids"].device)
     ids, types, mask = (batch[k].index_select(0, order) for k in ("input_ids", "token_type_ids", "attention_mask"))
     n, t = ids.shape
@@ -123,7 +124,7 @@ def prefill_shared(
     span = pads[:u, None] + torch.arange(p, device=ids.device)  # (u, P)
     prefix_types = types[:u].gather(1, span)
     prefix_positions = build_position_ids(prefix_types)  # (u, P), the same in every row
-    if not held:
+    if source is None:
         model(
             input_ids=ids[:u].gather(1, span),
             token_type_ids=prefix_types,
@@ -133,11 +134,10 @@ def prefill_shared(
             cache_start=0,
             logits_to_keep=1,
         )
+    elif source != start:
+        _copy_prefix(cache, torch.tensor([source]), start, p)
     if u < n:  # the sharing rows take a copy of their prefix's keys and values
-        source = torch.tensor(plan.source[u:])
-        for keys, values in cache.layers:
-            for stored in (keys, values):
-                stored[start + u : start + n, :, :p] = stored[:, :, :p][source.to(stored.device) + start]
+        _copy_prefix(cache, torch.tensor(plan.source[u:]) + start, start + u, p)
     # Row r's text is at columns [pads[r] + P, T) of the batch: at [P + pads[r], T) in the slot,
     # i.e. the batch's own columns [P, T) with the first pads[r] of them held out (by the mask:
     # what they hold is never attended to).
@@ -154,6 +154,13 @@ def prefill_shared(
         logits_to_keep=1,
     )
     return out.logits[:, -1], text_positions, columns
+
+
+def _copy_prefix(cache: SlotCache, sources: torch.Tensor, first: int, p: int) -> None:
+    """Slots [first, first + len(sources)) take the keys and values in columns [0, p) of `sources`."""
+    for keys, values in cache.layers:
+        for stored in (keys, values):
+            stored[first : first + len(sources), :, :p] = stored[:, :, :p][sources.to(stored.device)]
 
 
 def decode_one_token(

@@ -7,7 +7,8 @@ is free: what it needs, prompt + max_tokens, always fits one slot, since the app
 than the context (400 context_length_exceeded) and `submit` checks it again. It is prefilled
 alone, straight into its slot, so its prompt is computed exactly as when it runs alone; its first
 token comes from that prefill (a finished row's slot keeps its [BOS, image] prefix: a request
-about the same image, a chat client's next turn, goes there and prefills its text alone). Then
+about the same image, a chat client's next turn, goes there and prefills its text alone; one
+about the image of a running row copies the prefix from that row's slot). Then
 it decodes with the other rows, each at its own column and position, and when it ends (done,
 cancelled, timed out, failed) its slot is freed in place.
 Nothing is re-laid out or copied for the batch: peak memory is the weights, the slots, and one
