@@ -6,7 +6,9 @@ being prefilled straight into free slots (`admit`: the batch's left-padded promp
 newcomer's prompt alone, so it is computed exactly as when it runs alone); each `step` decodes
 one token for every occupied slot below the highest one, each row at its own column and
 position; a row that ends frees its slot in place (`release`). Nothing is ever re-laid out or
-copied for the batch: memory is the cache, reserved once, plus one step's activations.
+copied for the batch: memory is the cache, reserved once, plus one step's activations. A slot
+keeps the [BOS, image] prefix of its row (`held`) after the row ends, so that a newcomer about the
+same image is placed there and prefills only its text, or copies it from a running row's slot.
 
 A step reads nothing back to the host (positions, write index and mask are device tensors,
 advanced arithmetically by `live`); the one read per step is the picked tokens (`pick_tokens`),
@@ -125,10 +127,10 @@ class DecodeState:
         """Prefill `batch` (len(rows) left-padded rows (n, T), on the model's device, with
         `images`) straight into n consecutive free slots (`_place`); returns the logits of each
         row's last position (n, V). With `share_prefix`, rows that open with [BOS, image] are
-        prefilled by `prefill_shared` (each distinct prefix once, none where a free slot kept it;
-        the rows then take the slots in its order). A prefill that raises admits nothing: every
-        slot stays as it was (it may have written into the free slots it was given; they are
-        still free)."""
+        prefilled by `prefill_shared` (each distinct prefix once; none where a free slot kept it,
+        copied where a running row's slot holds it; the rows then take the slots in its order).
+        A prefill that raises admits nothing: every slot stays as it was (it may have written into
+        the free slots it was given; they are still free)."""
         n, t = batch["input_ids"].shape
         if t > self.cache.length:
             raise ValueError(f"a prompt of {t} tokens does not fit slots of {self.cache.length}")
