@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .config import CogVLMConfig
 from .loading import resolve_config
-from .model import CogVLMForCausalLM
+from .model import CogVLMForCausalLM, on_meta
 
 #: Bytes per parameter for weight memory estimates (int4 packs two weights per byte).
 BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -18,8 +16,7 @@ BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 def parameter_counts(config: CogVLMConfig) -> dict[str, int]:
     """Parameters per part: vision tower (CogVLM2's conv included), adapter (GLU + boi/eoi), language
     expert, vision experts. Buffers (the rotary `inv_freq`, which checkpoints may store) are not counted."""
-    with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
+    model = on_meta(CogVLMForCausalLM, config)
     counts = {"vision tower (EVA2-CLIP)": 0, "adapter (GLU, boi, eoi)": 0, "language model": 0, "visual experts": 0}
     for name, p in model.named_parameters():
         if name.startswith(("model.vision.transformer", "model.vision.patch_embedding", "model.vision.conv")):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import CogVLMConfig
 from ..errors import SettingsError
-from ..model.cogvlm import CogVLMForCausalLM
+from ..model.cogvlm import CogVLMForCausalLM, on_meta
 from ..model.decoder import rotary_inv_freq
 from .files import check_keys, iter_tensors, parse_size, weight_files
 from .quantize import (
@@ -188,8 +188,7 @@ def load_placed(
         quantize, quantize_vision = saved["method"], saved["quantize_vision"]
     quantize = quantize and check_method(quantize)
     files = weight_files(folder)
-    with torch.device("meta"):
-        model = model_class(config)
+    model = on_meta(model_class, config)
     if device_map is None:
         device_map = {"": str(check_device(device or "cpu"))}
     elif isinstance(device_map, str):
@@ -337,8 +336,7 @@ def describe_plan(
 
     config, source = resolve_config(folder_or_preset)
     dtype = resolve_dtype(dtype, config)
-    with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
+    model = on_meta(CogVLMForCausalLM, config)
     plan = (
         plan_device_map(model, device_map, max_memory, dtype, quantize, quantize_vision)
         if isinstance(device_map, str)
@@ -413,8 +411,7 @@ def choose_setting(
     gpus = sorted(k for k in free_bytes_per_device if isinstance(k, int))
     if not gpus:
         return _setting("cpu"), "no GPU: running on the CPU"
-    with torch.device("meta"):
-        model = CogVLMForCausalLM(config)
+    model = on_meta(CogVLMForCausalLM, config)
     size = torch.finfo(dtype).bits // 8
     kv = 2 * config.num_hidden_layers * config.max_position_embeddings * config.hidden_size * size
     budgets = {g: int(free_bytes_per_device[g] * GPU_SHARE) - kv // len(gpus) for g in gpus}

@@ -14,11 +14,12 @@ the vision expert's QKV, and a stride-2 conv that quarters the image tokens befo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VISION_TOKEN_TYPE, CogVLMConfig
@@ -188,3 +189,25 @@ class CogVLMForCausalLM(nn.Module):
                 ignore_index=-100,
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+Model = TypeVar("Model", bound=nn.Module)
+
+
+def on_meta(model_class: type[Model], config: CogVLMConfig) -> Model:
+    """`model_class(config)` on the meta device: names and shapes, no memory (for loading and
+    planning). The modules' random init is skipped: there it computes nothing, and the meta
+    device's `normal_` imports torch._dynamo, 2.5 s of every command that loads a model."""
+    with torch.device("meta"), _NoRandomInit():
+        return model_class(config)
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """`torch.nn.init`'s functions on a meta tensor return it as it is (nothing to draw)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)

@@ -63,9 +63,11 @@ class RMSNorm(nn.Module):
 
 
 def rotary_inv_freq(head_dim: int, dtype: torch.dtype = torch.float32, base: float = 10000.0) -> torch.Tensor:
-    """Inverse frequencies, computed in `dtype` as the official code does under that default dtype."""
-    exponent = torch.arange(0, head_dim, 2).to(dtype) / head_dim
-    return 1.0 / (torch.tensor(base, dtype=dtype) ** exponent)
+    """Inverse frequencies, computed in `dtype` as the official code does under that default dtype,
+    on the CPU (on the meta device the division would import torch._dynamo), then put on the
+    default device."""
+    exponent = torch.arange(0, head_dim, 2, device="cpu").to(dtype) / head_dim
+    return (1.0 / (torch.tensor(base, dtype=dtype, device="cpu") ** exponent)).to(torch.get_default_device())
 
 
 class RotaryEmbedding(nn.Module):

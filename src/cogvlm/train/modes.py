@@ -28,6 +28,7 @@ from torch import nn
 from ..config import CogVLMConfig, get_preset
 from ..dropin import CogVLMForCausalLM
 from ..loading.files import resolve_dtype
+from ..model.cogvlm import on_meta
 from ..tokenizer import copy_tokenizer_files
 from .config import TrainConfig, TrainError
 
@@ -224,8 +225,7 @@ def resize_images(model: CogVLMForCausalLM, image_size: int) -> CogVLMForCausalL
     grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, Dv, old, old)
     grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
     state[key] = torch.cat((pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)))
-    with torch.device("meta"):
-        resized = CogVLMForCausalLM(config)
+    resized = on_meta(CogVLMForCausalLM, config)
     resized.load_state_dict(state, assign=True)
     return resized
 
