@@ -50,7 +50,8 @@ class Pipeline:
     of a chat, more questions in a batch) does not encode it again. With `keep_prefix` (the
     default), a one-request call (chat, stream) decodes in a KV cache of one slot of the context
     that the pipeline keeps, with the [BOS, image] prefix of its last image: the next turn about
-    that image prefills only its text. `clear()` drops both."""
+    that image prefills only its text. `clear()` drops both. One caller at a time (a thread per
+    pipeline; the server's engine is its model's only user)."""
 
     def __init__(
         self,
