@@ -11,7 +11,8 @@ about the same image, a chat client's next turn, goes there and prefills its tex
 about the image of a running row copies the prefix from that row's slot). Then
 it decodes with the other rows, each at its own column and position, and when it ends (done,
 cancelled, timed out, failed) its slot is freed in place.
-Nothing is re-laid out or copied for the batch: peak memory is the weights, the slots, and one
+Nothing is re-laid out for the batch (an image prefix may be copied from slot to slot, inside
+the reserved cache): peak memory is the weights, the slots, and one
 prefill's or one step's activations, and the pipeline's `image_cache` (a picture sent again, as
 chat clients do with every turn, is not encoded again).
 
