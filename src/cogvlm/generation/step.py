@@ -63,8 +63,8 @@ class ImagePrefix:
     prefixes: list[Prefix]
 
     @property
-    def computed(self) -> int:
-        """How many prefixes are computed (the others are copied)."""
+    def distinct(self) -> int:
+        """How many different prefixes the rows hold (the first `distinct` rows of `order`)."""
         return len(set(self.source))
 
 
@@ -119,7 +119,7 @@ def prefill_shared(
     p, order = plan.length, torch.tensor(plan.order, device=batch["input_ids"].device)
     ids, types, mask = (batch[k].index_select(0, order) for k in ("input_ids", "token_type_ids", "attention_mask"))
     n, t = ids.shape
-    u = plan.computed
+    u = plan.distinct
     pads = t - mask.sum(1)  # (n,)
     span = pads[:u, None] + torch.arange(p, device=ids.device)  # (u, P)
     prefix_types = types[:u].gather(1, span)
