@@ -1,7 +1,11 @@
-"""Decode steps with and without the layer kernels (`kernels.rmsnorm`, `kernels.rope_store`), in one
-process, alternated, so that a noisy host moves both sides alike.
+"""Decode steps with and without the layer kernels (`kernels.decode_layer`, the whole layer in one
+call; `kernels.rmsnorm`, `kernels.rope_store`), in one process, alternated, so that a noisy host
+moves both sides alike.
 
     python benchmarks/layer_kernels_ab.py [--preset bench-490] [--batch 1] [--rounds 12] [--steps 33]
+        [--switch decodes,normalises,stores]
+
+`--switch decodes` compares the one call a layer with the layer's modules on the other kernels.
 
 A random bf16 model of the preset, its linears packed as `cogvlm.load` packs them, one image
 prompt per row (its features encoded once, outside the timing); each round decodes `--steps`
@@ -25,7 +29,7 @@ from cogvlm.loading.packing import pack_linears
 from cogvlm.model.cogvlm import CogVLMForCausalLM
 from cogvlm.prompts import build_conversation_input_ids, collate
 
-SWITCHES = ("normalises", "stores")
+SWITCHES = ("decodes", "normalises", "stores")
 
 
 def main() -> None:
@@ -34,7 +38,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=33)
+    parser.add_argument("--switch", default=",".join(SWITCHES), help="the kernels switched off on one side")
     args = parser.parse_args()
+    switched = args.switch.split(",")
     if not kernels.available():
         raise SystemExit("our CPU kernels do not run here: nothing to compare")
     torch.manual_seed(0)
@@ -51,10 +57,10 @@ def main() -> None:
     data = collate(requests)
     with torch.no_grad():
         data["image_features"] = model.model.encode_images(torch.stack([r["images"][0] for r in requests]).bfloat16())
-    taken = {name: getattr(kernels, name) for name in SWITCHES}
+    taken = {name: getattr(kernels, name) for name in switched}
 
     def step_ms(on: bool) -> float:
-        for name in SWITCHES:
+        for name in switched:
             setattr(kernels, name, taken[name] if on else (lambda *a: False))
         decoder = iter(BatchDecoder(model, data, [GenerationConfig(max_new_tokens=args.steps)] * args.batch, None))
         next(decoder)  # the prefill's token
@@ -67,7 +73,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for on in (True, False):
             times[on].append(step_ms(on))
-    for on, label in ((True, "layer kernels"), (False, "PyTorch's ops")):
+    for on, label in ((True, "with them"), (False, f"without {args.switch}")):
         print(f"{label:<14} step ms: min {min(times[on]):.2f}  median {statistics.median(times[on]):.2f}")
 
 

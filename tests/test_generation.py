@@ -399,8 +399,9 @@ def test_bf16_cpu_slots_decode_as_the_full_forward(reference_dir, reference_toke
 
 def test_bf16_cpu_grouped_heads_decode_through_the_kernel_as_the_full_forward(cogvlm2_dir, images, monkeypatch):
     """CogVLM2's grouped heads (2 query heads per KV head) in bf16 on the CPU: every decode step's
-    attention goes through our kernel, and the logits at every step are the lone full forward's
-    to bf16's precision."""
+    attention goes through our kernel (alone, or inside a layer's one call where the layer's
+    products are packed), and the logits at every step are the lone full forward's to bf16's
+    precision."""
     import cogvlm
     from cogvlm import kernels
     from cogvlm.generation.decoder import DecodeState
@@ -410,8 +411,9 @@ def test_bf16_cpu_grouped_heads_decode_through_the_kernel_as_the_full_forward(co
     vlm = cogvlm.load(cogvlm2_dir, device="cpu", dtype="bfloat16")
     model = vlm.model
     assert model.config.num_attention_heads == 2 * model.config.num_kv_heads
-    calls, attend = [], kernels.attend
+    calls, attend, decode_layer = [], kernels.attend, kernels.decode_layer
     monkeypatch.setattr(kernels, "attend", lambda *args: calls.append(1) or attend(*args))
+    monkeypatch.setattr(kernels, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args))
     sample = vlm.build("Describe this image.", images[0])
     state = DecodeState(model, 2, 96)
     row, seen = _greedy_steps(state, sample, 8)

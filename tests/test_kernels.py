@@ -6,6 +6,8 @@ where they cannot be built."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 
 import pytest
 import torch
@@ -329,3 +331,131 @@ def test_bf16_decoding_with_the_layer_kernels_answers_as_pytorchs_ops(
     for name in used:
         monkeypatch.setattr(kernels, name, lambda *a: False)
     assert vlm.batch(requests, max_new_tokens=24) == with_kernels
+
+
+def _decoder_layer(kv_heads, freq_dtype):
+    """A packed bf16 decoder layer (8 query heads of 16) with non-trivial norms, and a cache of 3
+    slots x 40 columns, keys by row and values by column, its first 30 columns filled."""
+    from cogvlm.model.decoder import CogVLMDecoderLayer
+
+    config = dataclasses.replace(
+        get_preset("tiny"),
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_multi_query_heads=kv_heads,
+    )
+    layer = CogVLMDecoderLayer(config)
+    with torch.no_grad():
+        for linear in layer.modules():
+            if isinstance(linear, nn.Linear):
+                linear.weight.normal_(0, 0.1)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.uniform_(0.5, 2.0)
+    layer = layer.to(torch.bfloat16).eval()
+    layer.self_attn.rotary_emb.inv_freq = layer.self_attn.rotary_emb.inv_freq.to(freq_dtype)
+    pack_linears(layer)
+    keys = torch.randn(3, kv_heads, 40, 16).to(torch.bfloat16)
+    values = torch.randn(3, kv_heads, 16, 40).to(torch.bfloat16).transpose(-1, -2)  # by column
+    return layer, keys, values
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("freq_dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_equals_the_layers_modules(built, kv_heads, freq_dtype):
+    """A decode step of three rows, each at its own position and column with its own mask, in one
+    call: the layer's output is what its modules give one by one through the same kernels (SiLU's exp
+    aside: at most one bf16 step, rarely), and the cache the same to the bit."""
+    from cogvlm.model.decoder import RowIndexedCache
+
+    torch.manual_seed(kv_heads)
+    layer, keys, values = _decoder_layer(kv_heads, freq_dtype)
+    if kv_heads != 8 and not kernels.attends_grouped():
+        pytest.skip("grouped heads go to oneDNN on this build (kernels.attends_grouped)")
+    x = (torch.randn(3, 1, 128) * 4).to(torch.bfloat16)
+    positions, index = torch.tensor([[3], [29], [1300]]), torch.tensor([3, 29, 12])
+    mask = torch.rand(3, 1, 1, 40) > 0.4
+    mask[torch.arange(3), 0, 0, index] = True
+
+    def step(fused):
+        cache = RowIndexedCache(keys.clone(), values.clone(), index, mask)
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            if not fused:
+                patch.setattr(kernels, "decodes", lambda *a: False)
+            else:
+                assert kernels.decodes(layer.decode_kernel(), x, cache.keys, cache.values)
+            return layer(x, positions, None, None, False, cache), cache
+
+    (got, got_cache), (expected, expected_cache) = step(True), step(False)
+    assert torch.equal(got_cache.keys, expected_cache.keys) and torch.equal(got_cache.values, expected_cache.values)
+    apart = _ulps_apart(got, expected)
+    assert apart.max() <= 1 and (apart > 0).float().mean() < 0.02, apart.float().mean()
+
+
+@torch.no_grad()
+def test_decode_layer_takes_only_what_it_computes(built):
+    layer, keys, values = _decoder_layer(8, torch.float32)
+    fused = layer.decode_kernel()
+    x = torch.randn(3, 1, 128).to(torch.bfloat16)
+    assert kernels.decodes(fused, x, keys, values)
+    assert not kernels.decodes(fused, torch.randn(3, 2, 128).to(torch.bfloat16), keys, values)  # two tokens a row
+    assert not kernels.decodes(fused, x.float(), keys.float(), values.float())
+    assert not kernels.decodes(fused, x, keys, values.contiguous())  # values by row
+    plain = dataclasses.replace(fused, products=(nn.Linear(128, 384), *fused.products[1:]))  # a product not packed
+    assert not kernels.decodes(plain, x, keys, values)
+    layer.mlp.language_mlp.hidden_act = "gelu"
+    assert layer.decode_kernel() is None
+    with torch.enable_grad():
+        assert not kernels.decodes(fused, x, keys, values)  # under autograd PyTorch's ops serve
+
+
+@torch.no_grad()
+def test_decode_kernel_is_kept_while_the_layer_holds_the_same_weights(built):
+    """Kept between steps; a copy of the layer, or the layer cast, gets its own (the addresses the
+    kernel reads are its own weights', never the ones it had)."""
+    import copy
+
+    layer, keys, values = _decoder_layer(8, torch.float32)
+    kept = layer.decode_kernel()
+    assert layer.decode_kernel() is kept
+    twin = copy.deepcopy(layer)
+    assert twin.decode_kernel() is not kept
+    assert twin.decode_kernel().weights.qkv == twin.self_attn.language_expert_query_key_value.weight.data_ptr()
+    layer.to(torch.float32)  # the norms' data swapped in place: the same Parameters, new addresses
+    cast = layer.decode_kernel()
+    assert cast is not kept and cast.weights is None
+    assert not kernels.decodes(cast, torch.randn(3, 1, 128).to(torch.bfloat16), keys, values)
+
+
+@pytest.mark.parametrize("isa", sorted(kernels.ISA_FLAGS))
+def test_kernels_build_for_every_instruction_set(isa, tmp_path):
+    """Each instruction set's half of kernels.c compiles, whichever this CPU runs (a CPU that runs
+    the other builds it on first use)."""
+    try:
+        kernels._compile(os.environ.get("CC", "cc"), (*kernels.FLAGS, *kernels.ISA_FLAGS[isa]), str(tmp_path / "k.so"))
+    except (OSError, subprocess.SubprocessError) as err:
+        if isinstance(err, FileNotFoundError):
+            pytest.skip("no C compiler here")
+        raise
+    assert (tmp_path / "k.so").stat().st_size > 0
+
+
+def test_packed_bf16_decoding_in_one_call_a_layer_answers_as_the_layers_modules(
+    built, reference_model, reference_tokenizer, monkeypatch
+):
+    """A packed bf16 model (as `cogvlm.load` makes it on the CPU) answers two prompts of different
+    lengths the same whether each decode step runs a layer in one call or module by module."""
+    import copy
+
+    from cogvlm.pipeline import Pipeline
+
+    model = copy.deepcopy(reference_model).to(torch.bfloat16)
+    pack_linears(model)
+    vlm = Pipeline(model, reference_tokenizer)
+    requests = [{"query": "Describe the picture in detail."}, {"query": "Hi"}]
+    calls, decode_layer = [], kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or decode_layer(*a))
+    in_one_call = vlm.batch(requests, max_new_tokens=24)
+    assert len(calls) >= 23 * model.config.num_hidden_layers
+    monkeypatch.setattr(kernels, "decodes", lambda *a: False)
+    assert vlm.batch(requests, max_new_tokens=24) == in_one_call

@@ -533,3 +533,62 @@ void cogvlm_rope_store_bf16(uint16_t *qkv, long B, long W, long H, long Hkv, lon
     }
   }
 }
+
+/* ---- A decoder layer's decode step in one call: what `CogVLMDecoderLayer.forward` computes for one
+ * new token per row through its language expert (every decode token is language-typed), with the
+ * functions above in the same order and roundings, so that a step issues 8 calls, not 8 x 15 small
+ * PyTorch ops and kernel calls (about 300 us a layer of Python and dispatch on a 2-core CPU). */
+
+/* a layer's weights: norms (D) bf16; the five language-expert products packed as above, no bias;
+ * inv_freq as `cogvlm_rope_store_bf16` takes it; `scale` the attention's 1 / sqrt(head_dim) */
+typedef struct {
+  const uint16_t *input_norm, *post_norm, *qkv, *dense, *gate, *up, *down;
+  const void *inv_freq;
+  long inv_bf16, heads, kv_heads, head_dim, inter;
+  float eps, scale;
+} cogvlm_layer;
+
+static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return bf16_round(bf16_widen(a) + bf16_widen(b)); }
+
+/* y (M, D) = the layer applied to x (M, D), one token per row at positions[m], its key and value
+ * written at column index[m] of the cache (as `cogvlm_rope_store_bf16`), attending to the S columns
+ * the mask (M, S bytes, row stride msb) keeps (as `cogvlm_attend_bf16`); D = heads x head_dim. Each
+ * PyTorch op's bf16 rounding is kept: the residual adds, SiLU of the rounded gate rounded, times the
+ * rounded up-projection rounded. `amx`: products of several rows on AMX tiles (AVX-512 builds).
+ * Returns nonzero if memory ran out. */
+int cogvlm_decode_layer_bf16(const cogvlm_layer *L, const uint16_t *x, uint16_t *y, long M, long D,
+                             const int64_t *positions, const int64_t *index, uint16_t *keys, const long *ks,
+                             uint16_t *values, const long *vs, const uint8_t *mask, long msb, long S, int amx) {
+  const long H = L->heads, Hkv = L->kv_heads, K = L->head_dim, W = (H + 2 * Hkv) * K, F = L->inter;
+#if defined(__AVX512BF16__)
+  int (*rows)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long) =
+      amx && M > 1 ? cogvlm_rows_bf16_amx : cogvlm_rows_bf16;
+#else
+  int (*rows)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long) = cogvlm_rows_bf16;
+  (void)amx;
+#endif
+  uint16_t *h = malloc(sizeof(uint16_t) * M * (3 * D + W + 2 * F));
+  if (!h) return 1;
+  uint16_t *qkv = h + M * D, *q = qkv + M * W, *ctx = q + M * D, *gate = ctx + M * D, *up = gate + M * F;
+  int failed = 0;
+  cogvlm_rmsnorm_bf16(x, L->input_norm, h, M, D, L->eps);
+  failed |= rows(h, M, L->qkv, 0, qkv, W, D);
+  cogvlm_rope_store_bf16(qkv, M, W, H, Hkv, K, positions, L->inv_freq, (int)L->inv_bf16, index, keys, ks, values, vs);
+  for (long m = 0; m < M; m++) memcpy(q + m * D, qkv + m * W, sizeof(uint16_t) * D); /* (M, H, K) */
+  failed |= cogvlm_attend_bf16(q, keys, ks[0], ks[1], values, vs[0], vs[1], vs[3], mask, msb, ctx, M, H, H / Hkv, S,
+                               K, L->scale);
+  failed |= rows(ctx, M, L->dense, 0, h, D, D);
+  for (long i = 0; i < M * D; i++) y[i] = bf16_add(x[i], h[i]);
+  cogvlm_rmsnorm_bf16(y, L->post_norm, h, M, D, L->eps);
+  failed |= rows(h, M, L->gate, 0, gate, F, D);
+  failed |= rows(h, M, L->up, 0, up, F, D);
+#pragma omp parallel for schedule(static) if (M * F >= 4096)
+  for (long i = 0; i < M * F; i++) {
+    const float g = bf16_widen(gate[i]);
+    gate[i] = bf16_round(bf16_widen(bf16_round(g / (1.0f + expf(-g)))) * bf16_widen(up[i]));
+  }
+  failed |= rows(gate, M, L->down, 0, h, D, F);
+  for (long i = 0; i < M * D; i++) y[i] = bf16_add(y[i], h[i]);
+  free(h);
+  return failed;
+}

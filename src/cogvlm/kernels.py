@@ -25,6 +25,7 @@ import os
 import shlex
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ def _library() -> tuple[ctypes.CDLL, str] | None:
     lib.cogvlm_rope_store_bf16.argtypes = [pointer, size, size, size, size, size, pointer, pointer, ctypes.c_int]
     lib.cogvlm_rope_store_bf16.argtypes += [pointer, pointer, strides, pointer, strides]
     lib.cogvlm_rope_store_bf16.restype = None
+    lib.cogvlm_decode_layer_bf16.argtypes = [pointer, pointer, pointer, size, size, pointer, pointer]
+    lib.cogvlm_decode_layer_bf16.argtypes += [pointer, strides, pointer, strides, pointer, size, size, ctypes.c_int]
+    lib.cogvlm_decode_layer_bf16.restype = ctypes.c_int
     # _init_amx: Linux's leave to use the tiles
     amx = isa == "avx512_bf16" and cpu.has("amx_tile") and torch.cpu._init_amx()
     return lib, "amx" if amx else isa
@@ -170,11 +174,15 @@ def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attend` takes these: bf16, one query, one query head per KV head (or whole groups,
     where `attends_grouped()`), keys stored by row and values by column (the bf16 CPU cache's
     layout), head size a multiple of 16."""
-    head_dim = q.shape[-1]
+    shapes = q.shape[2] == 1 and _attention_takes(q.shape[1], q.shape[-1], k, v)
+    return q.dtype == torch.bfloat16 and shapes and available()
+
+
+def _attention_takes(heads: int, head_dim: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`attend`'s demands on the heads and the cache: see `attends`."""
     layout = k.stride(-1) == 1 and k.stride(-2) == head_dim and v.stride(-2) == 1
-    heads = q.shape[1] == k.shape[1] or (q.shape[1] % k.shape[1] == 0 and attends_grouped())
-    shapes = q.shape[2] == 1 and heads and head_dim % BLOCK == 0
-    return q.dtype == k.dtype == v.dtype == torch.bfloat16 and layout and shapes and available()
+    grouped = heads == k.shape[1] or (heads % k.shape[1] == 0 and attends_grouped())
+    return k.dtype == v.dtype == torch.bfloat16 and layout and grouped and head_dim % BLOCK == 0
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -216,6 +224,12 @@ def _cpu_bf16(*tensors: torch.Tensor) -> bool:
     """bf16 CPU tensors outside autograd, where our kernels are built."""
     plain = all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
     return plain and not torch.is_grad_enabled() and available()
+
+
+def decodes_from(x: torch.Tensor) -> bool:
+    """Whether a decode step's hidden states x may go to `decode_layer` (bf16 on the CPU outside
+    autograd, where our kernels run): the first of `decodes`' checks, before a layer is looked at."""
+    return _cpu_bf16(x)
 
 
 def normalises(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -283,3 +297,143 @@ def rope_store(
         values.data_ptr(),
         (ctypes.c_long * 4)(*values.stride()),
     )
+
+
+class PackedRows(torch.nn.Module):
+    """A linear layer whose `weight` is in the row kernels' layout (`pack`) and whose `bias` is bf16
+    or None (`loading.packing.RowLinear`): what `decode_layer` reads."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class _Layer(ctypes.Structure):
+    """kernels.c's `cogvlm_layer`: a decoder layer's weights by address."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "dense", "gate", "up", "down")),
+        ("inv_freq", ctypes.c_void_p),
+        *((name, ctypes.c_long) for name in ("inv_bf16", "heads", "kv_heads", "head_dim", "inter")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeLayer:
+    """A decoder layer as `decode_layer` takes it: its two RMSNorm weights (D,) and epsilon, the
+    rotary inverse frequencies, its language expert's products (QKV, dense, gate, up, down), and its
+    heads (`heads` query heads over `kv_heads` key/value heads), with SiLU as the FFN's activation."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    inv_freq: torch.Tensor
+    products: tuple[torch.nn.Module, ...]
+    eps: float
+    heads: int
+    kv_heads: int
+
+    def __post_init__(self) -> None:
+        self._addresses  # noqa: B018  (read now: the addresses at construction)
+
+    def made_of(self, tensors: tuple[torch.Tensor, ...], products: tuple[torch.nn.Module, ...]) -> bool:
+        """Whether this holds these norms and frequencies (`tensors`) and products, at the addresses
+        it read (a module cast or moved since, or a deep copy, gives new ones)."""
+        held = (self.input_norm, self.post_norm, self.inv_freq, *self.products)
+        same = all(a is b for a, b in zip(held, (*tensors, *products)))
+        return same and self._addresses == _addresses(tensors, products)
+
+    @functools.cached_property
+    def _addresses(self) -> tuple[int | None, ...]:
+        return _addresses((self.input_norm, self.post_norm, self.inv_freq), self.products)
+
+    @functools.cached_property
+    def weights(self) -> _Layer | None:
+        """The weights by address for kernels.c, or None where `decode_layer` does not take them: a
+        product not packed for the row kernels or with a bias, a norm not bf16 on the CPU, the
+        frequencies neither fp32 nor bf16 on the CPU, heads not of whole 16s up to MAX_HEAD_DIM."""
+        head_dim = self.input_norm.shape[0] // self.heads
+        packed = all(isinstance(p, PackedRows) and p.bias is None for p in self.products)
+        freq = self.inv_freq.dtype in (torch.float32, torch.bfloat16) and self.inv_freq.device.type == "cpu"
+        norms = all(n.dtype == torch.bfloat16 and n.device.type == "cpu" for n in (self.input_norm, self.post_norm))
+        heads = head_dim * self.heads == self.input_norm.shape[0] and head_dim % BLOCK == 0 and head_dim <= MAX_HEAD_DIM
+        contiguous = all(t.is_contiguous() for t in (self.input_norm, self.post_norm, self.inv_freq))
+        if not (packed and freq and norms and heads and contiguous and None not in self._addresses):
+            return None
+        qkv, dense, gate, up, down = (p.weight for p in self.products)
+        return _Layer(
+            *(t.data_ptr() for t in (self.input_norm, self.post_norm, qkv, dense, gate, up, down, self.inv_freq)),
+            int(self.inv_freq.dtype == torch.bfloat16),
+            self.heads,
+            self.kv_heads,
+            head_dim,
+            gate.shape[0] * BLOCK,
+            self.eps,
+            head_dim**-0.5,
+        )
+
+
+def _addresses(tensors: tuple[torch.Tensor, ...], products: tuple[torch.nn.Module, ...]) -> tuple[int | None, ...]:
+    """Where each tensor, and each product's weight, lies: None for one that is not a plain CPU
+    tensor (on the meta device while offloaded, on a GPU, quantised)."""
+    weights = (getattr(p, "weight", None) for p in products)
+    return tuple(
+        t.data_ptr() if type(getattr(t, "data", None)) is torch.Tensor and t.device.type == "cpu" else None
+        for t in (*tensors, *weights)
+    )
+
+
+def decodes(layer: DecodeLayer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `decode_layer` takes these: the layer's weights (`DecodeLayer.weights`); one new token
+    per row (x (B, 1, D) contiguous, B within the row kernels' rows), x and the cache bf16 on the
+    CPU outside autograd, the cache as `attend` reads it."""
+    shapes = x.dim() == 3 and x.shape[1] == 1 and x.is_contiguous() and x.shape[0] <= max_rows()
+    if not (shapes and layer.weights is not None and x.shape[-1] == layer.input_norm.shape[0]):
+        return False
+    return _attention_takes(layer.heads, layer.weights.head_dim, keys, values) and _cpu_bf16(x, keys, values)
+
+
+def decode_layer(
+    layer: DecodeLayer,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Where `decodes(layer, x, keys, values)`: the layer's decode step in one call. x (B, 1, D) at
+    positions (B, 1); row b's key and value written at column index[b] of keys, values (B, Hkv, S, K);
+    mask (B, 1, 1, S) bool, the columns each row attends to -> (B, 1, D). The same kernels as the
+    layer's modules run one by one, in the same order (SiLU's exp is the C library's, not PyTorch's:
+    an output can differ from theirs by one bf16 step)."""
+    built = _library()
+    assert built is not None, "decode_layer() called where available() is False"
+    lib, isa = built
+    b, _, d = x.shape
+    # every tensor whose address goes to C is held by a name until the call returns
+    where = positions.reshape(b).to(torch.int64).contiguous()
+    columns = index.to(torch.int64).contiguous()
+    keep = mask.reshape(b, mask.shape[-1])  # (B, S): a view of the slots' mask
+    keep = keep if keep.stride(-1) == 1 else keep.contiguous()
+    out = torch.empty_like(x)
+    failed = lib.cogvlm_decode_layer_bf16(
+        ctypes.byref(layer.weights),
+        x.data_ptr(),
+        out.data_ptr(),
+        b,
+        d,
+        where.data_ptr(),
+        columns.data_ptr(),
+        keys.data_ptr(),
+        (ctypes.c_long * 4)(*keys.stride()),
+        values.data_ptr(),
+        (ctypes.c_long * 4)(*values.stride()),
+        keep.data_ptr(),
+        keep.stride(0),
+        keys.shape[2],
+        int(isa == "amx"),
+    )
+    if failed:
+        raise MemoryError(f"bf16 decode layer: no memory for {b} rows")
+    return out

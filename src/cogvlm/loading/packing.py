@@ -45,7 +45,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
-class RowLinear(nn.Module):
+class RowLinear(kernels.PackedRows):
     """`nn.Linear` for bf16 CPU inference on a weight in `kernels`' layout: our kernel for up to
     `kernels.max_rows()` rows (decode steps, a prompt's text), oneDNN through `F.linear` on the
     weight unpacked for more (a long text prompt, where the products outweigh the unpacking)."""
