@@ -27,6 +27,44 @@ static inline float bf16_widen(uint16_t h) {
   return f;
 }
 
+/* ---- 8 fp32 lanes with AVX2 and FMA, which every build has (an AVX512-BF16 CPU has them too) */
+
+/* 8 fp32 -> 8 bf16 in the low halves of the lanes, rounded to nearest even. A NaN made from bf16
+ * operands has its low 16 bits zero, so the increment cannot carry out of its mantissa: it stays NaN. */
+static inline __m256i round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+}
+
+static inline __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 fp32 */
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* e^x for x in [-87, 88] (clamped there: 2^n built in the exponent bits, -126 <= n <= 127) as the
+ * AVX-512 exp_nonpositive */
+static inline __m256 exp_clamped(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
+  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147181f)); /* f ln 2 */
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* 8 fp32 -> 8 bf16 at y, rounded to nearest even */
+static inline void store8(__m256 p, uint16_t *y) {
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(p), _mm256_setzero_si256()), 0xd8);
+  _mm_storeu_si128((__m128i *)y, _mm256_castsi256_si128(packed));
+}
+
 #if defined(__AVX512BF16__)
 typedef void (*kernel_fn)(const uint16_t *, long, const uint16_t *, const uint16_t *, uint16_t *, long, long,
                           long);
@@ -228,14 +266,6 @@ static inline void store16f(const float *c, uint16_t *y) {
 
 #else /* AVX2 and FMA: fp32 arithmetic on the widened bf16 */
 
-/* 8 fp32 -> 8 bf16 in the low halves of the lanes, rounded to nearest even. A NaN made from bf16
- * operands has its low 16 bits zero, so the increment cannot carry out of its mantissa: it stays NaN. */
-static inline __m256i round_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
-}
-
 /* 16 sums (two halves of 8) plus bias -> 16 bf16 at y */
 static inline void store16(__m256 lo, __m256 hi, const uint16_t *bias, uint16_t *y) {
   if (bias) {
@@ -305,30 +335,10 @@ int cogvlm_rows_bf16(const uint16_t *x, long M, const uint16_t *w, const uint16_
   free(wide);
   return 0;
 }
-static inline __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 fp32 */
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* exp for x <= 0 as the AVX-512 one (2^n built in the exponent bits: n >= -126 after the clamp) */
-static inline __m256 exp_nonpositive(__m256 x) {
-  __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.44269504f));
-  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147181f)); /* f ln 2 */
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
 /* Dot product of two bf16 vectors of length n (any n), fp32 sums. */
@@ -367,13 +377,7 @@ static inline void dot4_bf16(const uint16_t *a, const uint16_t *b0, const uint16
 /* exp(score - top) of 8 scores, exactly 0 where masked (-inf) */
 static inline __m256 exp8(__m256 x, float top) {
   const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-  return _mm256_and_ps(keep, exp_nonpositive(_mm256_sub_ps(x, _mm256_set1_ps(top))));
-}
-
-/* 8 probabilities -> 8 bf16 at y */
-static inline void store8(__m256 p, uint16_t *y) {
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(p), _mm256_setzero_si256()), 0xd8);
-  _mm_storeu_si128((__m128i *)y, _mm256_castsi256_si128(packed));
+  return _mm256_and_ps(keep, exp_clamped(_mm256_sub_ps(x, _mm256_set1_ps(top))));
 }
 
 /* as the AVX-512 softmax_bf16; the last S % 8 scores go through a padded copy */
@@ -550,6 +554,25 @@ typedef struct {
 
 static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return bf16_round(bf16_widen(a) + bf16_widen(b)); }
 
+/* gate[i] = bf16(bf16(silu(gate[i])) * up[i]) for n values: PyTorch's bf16 SiLU, g / (1 + e^-g) in
+ * fp32 rounded, times the up projection, rounded; e^ by `exp_clamped` (relative error about 1e-7,
+ * its argument clamped to [-87, 88], where PyTorch's overflows past 88.7: SiLU of a gate under -88,
+ * about 1e-36, then differs) */
+static void silu_times(uint16_t *gate, const uint16_t *up, long n) {
+  const long whole = n / 8 * 8;
+#pragma omp parallel for schedule(static) if (n >= 16384)
+  for (long i = 0; i < whole; i += 8) {
+    const __m256 g = widen8(gate + i);
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    const __m256 rounded = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16(s), 16));
+    store8(_mm256_mul_ps(rounded, widen8(up + i)), gate + i);
+  }
+  for (long i = whole; i < n; i++) {
+    const float g = bf16_widen(gate[i]);
+    gate[i] = bf16_round(bf16_widen(bf16_round(g / (1.0f + expf(-g)))) * bf16_widen(up[i]));
+  }
+}
+
 /* y (M, D) = the layer applied to x (M, D), one token per row at positions[m], its key and value
  * written at column index[m] of the cache (as `cogvlm_rope_store_bf16`), attending to the S columns
  * the mask (M, S bytes, row stride msb) keeps (as `cogvlm_attend_bf16`); D = heads x head_dim. Each
@@ -582,11 +605,7 @@ int cogvlm_decode_layer_bf16(const cogvlm_layer *L, const uint16_t *x, uint16_t 
   cogvlm_rmsnorm_bf16(y, L->post_norm, h, M, D, L->eps);
   failed |= rows(h, M, L->gate, 0, gate, F, D);
   failed |= rows(h, M, L->up, 0, up, F, D);
-#pragma omp parallel for schedule(static) if (M * F >= 4096)
-  for (long i = 0; i < M * F; i++) {
-    const float g = bf16_widen(gate[i]);
-    gate[i] = bf16_round(bf16_widen(bf16_round(g / (1.0f + expf(-g)))) * bf16_widen(up[i]));
-  }
+  silu_times(gate, up, M * F);
   failed |= rows(gate, M, L->down, 0, h, D, F);
   for (long i = 0; i < M * D; i++) y[i] = bf16_add(y[i], h[i]);
   free(h);

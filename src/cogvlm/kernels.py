@@ -36,7 +36,8 @@ from .fileio import atomic_write
 
 SOURCE = Path(__file__).with_name("kernels.c")
 ISA_FLAGS = {  # by the instruction set built for (`_isa`)
-    "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
+    + ("-mavx2", "-mfma"),  # the 8-lane helpers both builds share
     "avx2": ("-mavx2", "-mfma"),
 }
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
