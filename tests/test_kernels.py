@@ -334,8 +334,8 @@ def test_bf16_decoding_with_the_layer_kernels_answers_as_pytorchs_ops(
 
 
 def _decoder_layer(kv_heads, freq_dtype):
-    """A packed bf16 decoder layer (8 query heads of 16) with non-trivial norms, and a cache of 3
-    slots x 40 columns, keys by row and values by column, its first 30 columns filled."""
+    """A packed bf16 decoder layer (8 query heads of 16) with non-trivial norms, and a random cache
+    of 3 slots x 40 columns, keys by row and values by column."""
     from cogvlm.model.decoder import CogVLMDecoderLayer
 
     config = dataclasses.replace(
