@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from cogvlm import PRESETS, CogVLMForCausalLM, synthetic
 from cogvlm.cli import main
 from cogvlm.prompts import build_conversation_input_ids
-from cogvlm.train import checkpoint, data, load_config, run
+from cogvlm.train import checkpoint, data, load_config, loop, run
 from cogvlm.train.config import TrainError
-from cogvlm.train.loop import MetricsLog, lr_factor
+from cogvlm.train.loop import MetricsLog, lr_factor, resolve_mixed_precision
 from cogvlm.train.modes import PARTS, apply_mode, build_model, matches, param_groups
 
 
@@ -599,6 +599,19 @@ def test_metrics_log_on_resume_keeps_earlier_steps_and_survives_a_cut_line(tmp_p
     assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [3, 2, 1.5]
     MetricsLog(path, resumed_step=None)
     assert path.read_text() == ""
+
+
+@pytest.mark.parametrize("arithmetic", [True, False])
+def test_bf16_autocast_only_where_the_cpu_computes_in_bf16(monkeypatch, caplog, arithmetic):
+    # An AVX2-only CPU runs bf16 products in generic loops (a tiny-shapes step: 86 s against 6 s
+    # in float32), so the recipes' `mixed_precision: bf16` falls back there, saying why.
+    monkeypatch.setattr(loop, "bf16_arithmetic", lambda: arithmetic)
+    with caplog.at_level(logging.WARNING, logger=loop.logger.name):
+        mode = resolve_mixed_precision("bf16", torch.device("cpu"))
+    assert mode == ("bf16" if arithmetic else "no")
+    assert ("no bf16 arithmetic" in caplog.text) is not arithmetic
+    assert resolve_mixed_precision("no", torch.device("cpu")) == "no"
+    assert resolve_mixed_precision("fp16", torch.device("cpu")) == "no"
 
 
 def test_cli_trains_with_bf16_checkpointing_eval_and_keep_last(tmp_path):
