@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`.ci/run`: two workers on CI's two cores) each worker computes on one thread, so
+# that the two never fight over the cores; alone, the suite uses two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference-tiny"
 
